@@ -1,0 +1,195 @@
+"""Alignment maths: from ingested cases to fixed-size, normalised, binary, split 2-D cases.
+
+Pure numpy/torch functions with no Kedro in them, so each step is testable on its own and the
+inference path can apply exactly the same image transform as training did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from enum import Enum
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cimd_pipeline.data.aligned import SPLITS, AlignedSet
+from cimd_pipeline.data.cases import Case
+from cimd_pipeline.errors import DataError
+
+
+class ResizeMode(str, Enum):
+    RESIZE = "resize"
+    CROP_PAD = "crop_pad"
+
+
+class Normalisation(str, Enum):
+    ZSCORE = "zscore"
+    MINMAX = "minmax"
+    NONE = "none"
+
+
+def binarise(masks: np.ndarray, threshold: float | None, source: object) -> np.ndarray:
+    """Return uint8 {0,1} masks.
+
+    Masks already in {0,1} or {0,255} need no threshold (8-bit PNG masks store 255). Anything else
+    (soft masks, JPEG halos) needs an explicit ``threshold`` in the mask's own value range; without
+    one we refuse rather than guess, because ``> 0`` on JPEG masks doubles the foreground.
+    """
+    masks = np.asarray(masks)
+    if threshold is not None:
+        return (masks > threshold).astype(np.uint8)
+    values = np.unique(masks)
+    if np.isin(values, (0, 1)).all():
+        return masks.astype(np.uint8)
+    if np.isin(values, (0, 255)).all():
+        return (masks > 127).astype(np.uint8)
+    shown = ", ".join(f"{v:g}" for v in values[:6])
+    raise DataError(
+        source,
+        f"non-binary rater masks (values {shown}{', ...' if len(values) > 6 else ''}) and no "
+        "binarisation threshold configured (set alignment.binarise_threshold)",
+    )
+
+
+def slice_volume(case: Case, axis: int, empty_share: float, rng: np.random.Generator) -> list[Case]:
+    """Cut a 3-D case (C, D, H, W) into 2-D cases along spatial ``axis`` (0, 1 or 2).
+
+    Keeps every slice where any valid rater drew foreground plus a random ``empty_share`` of the
+    remaining slices (empty slices are real data, but too many of them drown the lesions).
+    """
+    if case.image.ndim == 3:
+        return [case]
+    image = np.moveaxis(case.image, axis + 1, 1)
+    masks = np.moveaxis(case.masks, axis + 1, 1)
+    oracle = None if case.oracle is None else np.moveaxis(case.oracle, axis + 1, 1)
+    foreground = masks[case.rater_valid].reshape(int(case.rater_valid.sum()), masks.shape[1], -1)
+    has_fg = (foreground > 0).any(axis=(0, 2))
+    keep = has_fg | (rng.random(len(has_fg)) < empty_share)
+    return [
+        replace(
+            case,
+            case_id=f"{case.case_id}_s{k:03d}",
+            image=image[:, k],
+            masks=masks[:, k],
+            oracle=None if oracle is None else oracle[:, k],
+            meta={**case.meta, "slice": int(k)},
+        )
+        for k in np.flatnonzero(keep)
+    ]
+
+
+def fit_to_size(array: np.ndarray, size: tuple[int, int], mode: ResizeMode, is_mask: bool) -> np.ndarray:
+    """Resize or centre-crop/zero-pad (K, H, W) to (K, *size).
+
+    Masks are resized by area averaging then thresholded at 0.5 so thin structures shrink
+    gracefully instead of vanishing as they do with nearest-neighbour down-sampling.
+    """
+    if array.shape[1:] == tuple(size):
+        return array
+    if mode is ResizeMode.CROP_PAD:
+        out = np.zeros((array.shape[0], *size), dtype=array.dtype)
+        (h, w), (th, tw) = array.shape[1:], size
+        sy, sx = max(0, (h - th) // 2), max(0, (w - tw) // 2)
+        dy, dx = max(0, (th - h) // 2), max(0, (tw - w) // 2)
+        ch, cw = min(h, th), min(w, tw)
+        out[:, dy : dy + ch, dx : dx + cw] = array[:, sy : sy + ch, sx : sx + cw]
+        return out
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    shrinking = size[0] <= array.shape[1] and size[1] <= array.shape[2]
+    resized = F.interpolate(tensor, size=size, mode="area" if shrinking else "bilinear")[0].numpy()
+    return (resized >= 0.5).astype(np.uint8) if is_mask else resized.astype(np.float32)
+
+
+def normalise(image: np.ndarray, mode: Normalisation) -> np.ndarray:
+    """Per-case, per-channel intensity normalisation of (C, H, W)."""
+    image = image.astype(np.float32)
+    if mode is Normalisation.NONE:
+        return image
+    flat = image.reshape(image.shape[0], -1)
+    if mode is Normalisation.ZSCORE:
+        centre, scale = flat.mean(1), flat.std(1)
+    else:
+        centre, scale = flat.min(1), flat.max(1) - flat.min(1)
+    return (image - centre[:, None, None]) / np.maximum(scale, 1e-6)[:, None, None]
+
+
+def assign_splits(group_ids: Iterable[str], fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split by group so no patient lands in two splits; returns one split name per case.
+
+    Groups are shuffled with ``seed`` and dealt out until each split holds its fraction of the
+    *cases*; every split with a positive fraction gets at least one group when there are enough.
+    """
+    groups = pd.Series(list(group_ids), dtype=str)
+    sizes = groups.value_counts(sort=False)
+    order = np.random.default_rng(seed).permutation(sizes.index.to_numpy())
+    names = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    total = float(sum(fractions[s] for s in names))
+    targets = np.cumsum([fractions[s] / total * len(groups) for s in names])
+    assignment, filled, current = {}, 0, 0
+    for position, group in enumerate(order):
+        remaining_groups = len(order) - position
+        remaining_splits = len(names) - current - 1
+        if current < len(names) - 1 and (filled >= targets[current] or remaining_groups <= remaining_splits):
+            current += 1
+        assignment[group] = names[current]
+        filled += int(sizes[group])
+    return groups.map(assignment).to_numpy()
+
+
+def align_cases(
+    cases: Iterable[Case],
+    size: tuple[int, int],
+    resize_mode: ResizeMode,
+    normalisation: Normalisation,
+    binarise_threshold: float | None,
+    slice_axis: int,
+    empty_slice_share: float,
+    seed: int,
+) -> Iterator[Case]:
+    """Yield aligned 2-D cases (image normalised, masks binary, all at ``size``)."""
+    rng = np.random.default_rng(seed)
+    for case in cases:
+        source = case.meta.get("source", case.case_id)
+        for piece in slice_volume(case, slice_axis, empty_slice_share, rng):
+            masks = binarise(piece.masks, binarise_threshold, source)
+            oracle = None if piece.oracle is None else binarise(piece.oracle, binarise_threshold, source)
+            yield replace(
+                piece,
+                image=normalise(fit_to_size(piece.image, size, resize_mode, False), normalisation),
+                masks=fit_to_size(masks, size, resize_mode, True),
+                oracle=None if oracle is None else fit_to_size(oracle, size, resize_mode, True),
+            )
+
+
+def stack_cases(aligned: Iterable[Case], fractions: dict[str, float], seed: int) -> AlignedSet:
+    """Stack aligned 2-D cases into an `AlignedSet` and assign group-level splits."""
+    cases = list(aligned)
+    if not cases:
+        raise DataError("mask_alignment", "empty dataset after slicing and filtering")
+    channels = {c.image.shape[0] for c in cases}
+    if len(channels) != 1:
+        raise DataError("mask_alignment", f"cases have different channel counts {sorted(channels)}")
+    raters = max(len(c.rater_valid) for c in cases)
+    size = cases[0].image.shape[1:]
+    masks = np.zeros((len(cases), raters, *size), dtype=np.uint8)
+    valid = np.zeros((len(cases), raters), dtype=bool)
+    for i, case in enumerate(cases):
+        masks[i, : len(case.rater_valid)] = case.masks
+        valid[i, : len(case.rater_valid)] = case.rater_valid
+    oracles = [c.oracle for c in cases]
+    oracle = np.stack(oracles) if all(o is not None for o in oracles) else None
+    table = pd.DataFrame(
+        [
+            {
+                "case_id": c.case_id,
+                "group_id": c.group_id,
+                **{k: v for k, v in c.meta.items() if isinstance(v, (str, int, float, bool))},
+            }
+            for c in cases
+        ]
+    )
+    table.insert(2, "split", assign_splits(table["group_id"], fractions, seed))
+    return AlignedSet(np.stack([c.image for c in cases]), masks, valid, table, oracle)

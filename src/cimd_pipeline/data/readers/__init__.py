@@ -1,0 +1,41 @@
+"""Readers that turn a data source into a stream of `Case` objects.
+
+Each reader is ``read(root, options, seed) -> Iterator[Case]`` and knows nothing of Kedro; the
+``ingestion.source`` parameter picks one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.readers.folders import read_folders
+from cimd_pipeline.data.readers.lidc import read_lidc
+from cimd_pipeline.data.readers.nifti import read_msmri, read_qubiq
+from cimd_pipeline.data.synthetic import SyntheticConfig, generate
+
+Reader = Callable[[Path | None, dict[str, Any], int], Iterator[Case]]
+
+
+def read_synthetic(root: Path | None, options: dict[str, Any], seed: int) -> Iterator[Case]:
+    """The embedded benchmark: ``root`` is unused, ``options`` are `SyntheticConfig` fields."""
+    return generate(SyntheticConfig(seed=seed, **options))
+
+
+READERS: dict[str, Reader] = {
+    "synthetic": read_synthetic,
+    "lidc": read_lidc,
+    "folders": read_folders,
+    "msmri": read_msmri,
+    "qubiq": read_qubiq,
+}
+
+
+def get_reader(source: str) -> Reader:
+    """Look a reader up by name, with the known names in the error."""
+    try:
+        return READERS[source]
+    except KeyError:
+        raise ValueError(f"unknown ingestion.source {source!r}; known: {sorted(READERS)}") from None

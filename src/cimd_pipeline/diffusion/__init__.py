@@ -1,0 +1,37 @@
+"""Improved-DDPM diffusion maths for CIMD: schedules, hybrid loss, respacing and samplers.
+
+Pure PyTorch (no MONAI schedulers), so that respacing and the learned-range variance behave
+exactly like openai/improved-diffusion, which the CIMD paper builds on.
+"""
+
+from cimd_pipeline.diffusion.losses import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from cimd_pipeline.diffusion.respace import respaced_diffusion, space_timesteps
+from cimd_pipeline.diffusion.samplers import ModelFn, ddim_step, ddpm_step, sample
+from cimd_pipeline.diffusion.schedule import (
+    GaussianDiffusion,
+    PredictionType,
+    extract,
+    linear_betas,
+)
+
+__all__ = [
+    "GaussianDiffusion",
+    "ModelFn",
+    "PredictionType",
+    "approx_standard_normal_cdf",
+    "ddim_step",
+    "ddpm_step",
+    "discretized_gaussian_log_likelihood",
+    "extract",
+    "linear_betas",
+    "mean_flat",
+    "normal_kl",
+    "respaced_diffusion",
+    "sample",
+    "space_timesteps",
+]

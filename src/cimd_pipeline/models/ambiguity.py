@@ -1,0 +1,230 @@
+"""Gaussian latent encoders of CIMD: the ambiguity modelling and controlling networks.
+
+CIMD (Rahman et al., CVPR 2023) conditions its diffusion denoiser on a latent code ``z``
+drawn from one of two Gaussian encoders with the same architecture:
+
+* AMN, the posterior ``q(z | image, ground-truth mask)``, used while training;
+* ACN, the prior ``p(z | image, predicted clean mask)``, used at sampling time.
+
+The training loss includes ``KL(AMN || ACN)``. Both encoders are a :class:`GaussianEncoder`;
+only their input channels differ (image channels plus mask channels).
+
+Two covariance forms are supported, matching the paper's CIMD-AA and CIMD-FC variants:
+
+* :attr:`Covariance.DIAGONAL`: the network predicts a mean and a log standard deviation per
+  latent dimension; the distribution is ``Independent(Normal(mu, sigma), 1)``.
+* :attr:`Covariance.FULL`: the network predicts a mean and the lower triangle of a Cholesky
+  factor ``L`` (positive diagonal), so ``Sigma = L L^T`` and ``z = mu + L eps``; the
+  distribution is ``MultivariateNormal(mu, scale_tril=L)``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+__all__ = ["Covariance", "GaussianEncoder", "kl_divergence"]
+
+# Added to the softplus of the Cholesky diagonal so that Sigma stays positive definite.
+_CHOLESKY_EPS = 1e-5
+# softplus(_SOFTPLUS_SHIFT) == 1, so a zero raw diagonal maps to a unit standard deviation.
+_SOFTPLUS_SHIFT = math.log(math.e - 1.0)
+# Standard deviation of the initial 1x1 head weights: small enough that the initial
+# distribution is close to N(0, I), large enough that gradients reach the trunk at step 0.
+_HEAD_INIT_STD = 1e-2
+
+
+class Covariance(str, enum.Enum):
+    """Covariance form of the latent Gaussian (CIMD-AA is DIAGONAL, CIMD-FC is FULL)."""
+
+    DIAGONAL = "diagonal"
+    FULL = "full"
+
+
+class GaussianEncoder(nn.Module):
+    """Convolutional encoder mapping an image-and-mask stack to a Gaussian over ``z``.
+
+    Architecture (paper supplementary): for each entry ``f`` of ``filters`` a 3x3 convolution
+    with ``f`` filters, a ReLU and a 2x2 average pooling with stride 2; then global average
+    pooling and a 1x1 convolution that predicts the Gaussian parameters.
+
+    Every pooling halves the spatial size (flooring odd sizes), so the input must be at least
+    ``2 ** len(filters)`` pixels high and wide (16 for the default four levels); smaller inputs
+    raise ``ValueError`` in :meth:`forward`.
+
+    The 1x1 head has zero bias and weights drawn from ``N(0, 0.01^2)``, so the initial
+    distribution is close to ``N(0, I)`` for any input while gradients still reach every layer.
+
+    Args:
+        in_channels: channels of the input stack, e.g. image channels + mask channels.
+        latent_dim: dimension ``k`` of ``z`` (6 in the paper).
+        filters: output channels of the successive convolution levels.
+        covariance: :class:`Covariance` form (or its string value).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        latent_dim: int = 6,
+        filters: Sequence[int] = (32, 64, 128, 192),
+        covariance: Covariance | str = Covariance.DIAGONAL,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        filters = tuple(filters)
+        if not filters:
+            raise ValueError("filters must name at least one convolution level")
+        if any(f < 1 for f in filters):
+            raise ValueError(f"every entry of filters must be >= 1, got {filters}")
+        try:
+            covariance = Covariance(covariance)
+        except ValueError:
+            allowed = ", ".join(repr(c.value) for c in Covariance)
+            message = f"unknown covariance {covariance!r}; expected one of {allowed}"
+            raise ValueError(message) from None
+
+        self.in_channels = in_channels
+        self.latent_dim = latent_dim
+        self.covariance = covariance
+        self.num_levels = len(filters)
+        self.min_size = 2**self.num_levels
+
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for f in filters:
+            layers += [
+                nn.Conv2d(previous, f, kernel_size=3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            previous = f
+        self.features = nn.Sequential(*layers)
+
+        if covariance is Covariance.DIAGONAL:
+            num_params = 2 * latent_dim  # mean and log-sigma
+        else:
+            num_params = latent_dim + latent_dim * (latent_dim + 1) // 2  # mean and tril(L)
+        self.head = nn.Conv2d(previous, num_params, kernel_size=1)
+        nn.init.normal_(self.head.weight, std=_HEAD_INIT_STD)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Distribution:
+        """Encode ``x`` of shape (N, C, H, W) into a distribution.
+
+        Returns a distribution with ``batch_shape == (N,)`` and ``event_shape == (latent_dim,)``
+        whose ``rsample()`` is differentiable with respect to the encoder parameters.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        if height < self.min_size or width < self.min_size:
+            raise ValueError(
+                f"input of size {height}x{width} is too small: {self.num_levels} 2x2 poolings "
+                f"need H and W >= {self.min_size}"
+            )
+        pooled = self.features(x).mean(dim=(-2, -1), keepdim=True)  # (N, F, 1, 1)
+        params = self.head(pooled).flatten(1)  # (N, num_params)
+        k = self.latent_dim
+        mu, rest = params[:, :k], params[:, k:]
+        # No argument validation: a NaN from upstream must surface as a NaN loss, which the
+        # training loop reports with its step, not as a distribution-constructor error.
+        if self.covariance is Covariance.DIAGONAL:
+            return Independent(Normal(mu, rest.exp(), validate_args=False), 1, validate_args=False)
+        return MultivariateNormal(mu, scale_tril=self._cholesky(rest), validate_args=False)
+
+    def _cholesky(self, raw: Tensor) -> Tensor:
+        """Scatter ``raw`` of shape (N, k(k+1)/2) into lower-triangular (N, k, k) factors.
+
+        The diagonal goes through ``softplus(raw + shift) + eps`` (unit value at ``raw == 0``),
+        the strictly lower entries are used as they are.
+        """
+        k = self.latent_dim
+        rows, cols = torch.tril_indices(k, k, device=raw.device)
+        on_diag = rows == cols
+        values = torch.where(on_diag, F.softplus(raw + _SOFTPLUS_SHIFT) + _CHOLESKY_EPS, raw)
+        tril = raw.new_zeros(raw.shape[0], k, k)
+        tril[:, rows, cols] = values
+        return tril
+
+
+def _diagonal_params(dist: Distribution) -> tuple[Tensor, Tensor] | None:
+    """Return ``(mean, std)`` of an ``Independent(Normal, 1)``, or None for other families."""
+    if (
+        isinstance(dist, Independent)
+        and isinstance(dist.base_dist, Normal)
+        and dist.reinterpreted_batch_ndims == 1
+    ):
+        return dist.base_dist.loc, dist.base_dist.scale
+    return None
+
+
+def _describe(dist: Distribution) -> str:
+    """Name a distribution's family, including the base of an ``Independent``."""
+    if isinstance(dist, Independent):
+        return f"Independent({type(dist.base_dist).__name__}, {dist.reinterpreted_batch_ndims})"
+    return type(dist).__name__
+
+
+def _full_params(dist: Distribution) -> tuple[Tensor, Tensor]:
+    """Return ``(mean, scale_tril)`` of a diagonal or full-covariance Gaussian."""
+    diagonal = _diagonal_params(dist)
+    if diagonal is not None:
+        mu, sigma = diagonal
+        return mu, torch.diag_embed(sigma)
+    if isinstance(dist, MultivariateNormal):
+        return dist.loc, dist.scale_tril
+    raise TypeError(
+        "kl_divergence supports Independent(Normal, 1) and MultivariateNormal, "
+        f"got {_describe(dist)}"
+    )
+
+
+def kl_divergence(posterior: Distribution, prior: Distribution) -> Tensor:
+    """Closed-form ``KL(posterior || prior)`` per sample, shape (N,) for batch shape (N,).
+
+    Both arguments are Gaussians over ``z`` of the same dimension ``k``, either
+    ``Independent(Normal, 1)`` or ``MultivariateNormal``. Two diagonal Gaussians use
+
+        sum_i log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2;
+
+    any other pair is treated as full covariance, with Cholesky factors ``L_q`` and ``L_p``:
+
+        0.5 * (||L_p^-1 L_q||_F^2 + ||L_p^-1 (m_p - m_q)||^2 - k
+               + 2 sum log diag L_p - 2 sum log diag L_q),
+
+    which equals ``0.5 * (tr(S_p^-1 S_q) + d^T S_p^-1 d - k + log det S_p - log det S_q)``.
+    """
+    if posterior.event_shape != prior.event_shape or len(posterior.event_shape) != 1:
+        raise ValueError(
+            "posterior and prior must be Gaussians over the same vector space, got event shapes "
+            f"{tuple(posterior.event_shape)} and {tuple(prior.event_shape)}"
+        )
+    q_diag = _diagonal_params(posterior)
+    p_diag = _diagonal_params(prior)
+    if q_diag is not None and p_diag is not None:
+        (mu_q, s_q), (mu_p, s_p) = q_diag, p_diag
+        terms = torch.log(s_p / s_q) + (s_q**2 + (mu_q - mu_p) ** 2) / (2 * s_p**2) - 0.5
+        return terms.sum(-1)
+
+    (mu_q, l_q), (mu_p, l_p) = _full_params(posterior), _full_params(prior)
+    k = mu_q.shape[-1]
+    batch = torch.broadcast_shapes(l_q.shape[:-2], l_p.shape[:-2], mu_q.shape[:-1], mu_p.shape[:-1])
+    l_p = l_p.expand(*batch, k, k)
+    l_q = l_q.expand(*batch, k, k)
+    diff = (mu_p - mu_q).expand(*batch, k).unsqueeze(-1)  # (..., k, 1)
+    trace = torch.linalg.solve_triangular(l_p, l_q, upper=False).square().sum((-2, -1))
+    mahalanobis = torch.linalg.solve_triangular(l_p, diff, upper=False).square().sum((-2, -1))
+    log_det_p = 2 * torch.diagonal(l_p, dim1=-2, dim2=-1).log().sum(-1)
+    log_det_q = 2 * torch.diagonal(l_q, dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - k + log_det_p - log_det_q)

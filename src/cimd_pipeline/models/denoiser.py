@@ -1,0 +1,163 @@
+"""Image-conditioned diffusion denoiser of CIMD, built on MONAI's ``DiffusionModelUNet``.
+
+The denoiser sees the noisy mask ``x_t`` (N, M, H, W) concatenated with the image
+(N, C, H, W) along the channel axis and the timestep ``t`` (N,). With ``learn_sigma`` it
+predicts ``2 * M`` channels: the noise (or x_0) and the interpolation weights of the learned
+variance (Nichol & Dhariwal, 2021), as in CIMD's guided-diffusion code; otherwise ``M``.
+
+MONAI 1.6 behaviour worth knowing:
+
+* H and W must be divisible by ``2 ** (len(channels) - 1)`` (one downsampling per level but
+  the last), see :func:`check_image_size`;
+* every entry of ``channels`` must be divisible by ``norm_num_groups`` (e.g. channels
+  (16, 32, 32) need ``norm_num_groups=16``);
+* the middle block always has self-attention, whatever ``attention_levels`` says, so
+  ``num_head_channels`` must divide ``channels[-1]`` as well as every attended level;
+* the output convolution and the second convolution of every residual block are
+  zero-initialised (as in guided-diffusion): a fresh network predicts exactly zero and its
+  output ignores ``t`` until the first optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import Tensor, nn
+
+__all__ = ["ConditionalDenoiser", "UNetConfig", "build_denoiser", "check_image_size"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the denoising U-Net (defaults give about 1.6 M parameters).
+
+    Sequences (e.g. YAML lists) are stored as tuples so the config stays hashable.
+
+    Attributes:
+        channels: feature channels per resolution level, from full resolution down.
+        attention_levels: whether each level has self-attention (same length as channels).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_num_groups: groups of every GroupNorm; must divide every entry of channels.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 2
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        if not self.channels:
+            raise ValueError("UNetConfig.channels must name at least one level")
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but "
+                f"channels has {len(self.channels)}; give one flag per level"
+            )
+        for name in ("num_res_blocks", "num_head_channels", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"UNetConfig.channels must be positive, got {self.channels}")
+        bad_groups = [c for c in self.channels if c % self.norm_num_groups]
+        if bad_groups:
+            raise ValueError(
+                f"UNetConfig.channels {self.channels} must all be divisible by "
+                f"norm_num_groups={self.norm_num_groups}; {bad_groups} are not"
+            )
+        attended = {c for c, a in zip(self.channels, self.attention_levels) if a}
+        attended.add(self.channels[-1])  # the middle block always attends
+        bad_heads = sorted(c for c in attended if c % self.num_head_channels)
+        if bad_heads:
+            raise ValueError(
+                f"num_head_channels={self.num_head_channels} must divide the channels of every "
+                f"attention level and of the last level (middle block); {bad_heads} are not"
+            )
+
+    @property
+    def size_divisor(self) -> int:
+        """Factor that H and W must be multiples of: ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.channels) - 1)
+
+
+def check_image_size(cfg: UNetConfig, height: int, width: int) -> None:
+    """Raise ValueError unless ``height`` and ``width`` are positive multiples of the divisor."""
+    divisor = cfg.size_divisor
+    if height < 1 or width < 1 or height % divisor or width % divisor:
+        raise ValueError(
+            f"image size {height}x{width} is not supported by a U-Net with "
+            f"{len(cfg.channels)} levels: H and W must be positive multiples of {divisor}"
+        )
+
+
+def build_denoiser(
+    cfg: UNetConfig, image_channels: int, mask_channels: int = 1, learn_sigma: bool = True
+) -> nn.Module:
+    """Build the MONAI U-Net taking ``mask_channels + image_channels`` input channels.
+
+    It is called as ``net(x=torch.cat([x_t, image], 1), timesteps=t)`` and returns
+    ``mask_channels * (2 if learn_sigma else 1)`` channels at the input resolution.
+    """
+    if image_channels < 1 or mask_channels < 1:
+        raise ValueError(
+            f"image_channels and mask_channels must be >= 1, got {image_channels} and "
+            f"{mask_channels}"
+        )
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=mask_channels + image_channels,
+        out_channels=mask_channels * (2 if learn_sigma else 1),
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+class ConditionalDenoiser(nn.Module):
+    """Denoiser ``eps_theta(x_t, image, t)`` that builds the channel concatenation itself.
+
+    Args:
+        cfg: U-Net architecture.
+        image_channels: channels ``C`` of the conditioning image.
+        mask_channels: channels ``M`` of the (noisy) mask.
+        learn_sigma: predict the learned-variance channels as well (output ``2 * M``).
+    """
+
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        image_channels: int,
+        mask_channels: int = 1,
+        learn_sigma: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_channels = image_channels
+        self.mask_channels = mask_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = mask_channels * (2 if learn_sigma else 1)
+        self.net = build_denoiser(cfg, image_channels, mask_channels, learn_sigma)
+
+    def forward(self, x_t: Tensor, image: Tensor, t: Tensor) -> Tensor:
+        """Map x_t (N, M, H, W), image (N, C, H, W) and t (N,) to (N, out_channels, H, W)."""
+        if x_t.ndim != 4 or x_t.shape[1] != self.mask_channels:
+            raise ValueError(
+                f"x_t must have shape (N, {self.mask_channels}, H, W), got {tuple(x_t.shape)}"
+            )
+        n, _, height, width = x_t.shape
+        if image.shape != (n, self.image_channels, height, width):
+            raise ValueError(
+                f"image must have shape {(n, self.image_channels, height, width)} to match x_t, "
+                f"got {tuple(image.shape)}"
+            )
+        if t.shape != (n,):
+            raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
+        check_image_size(self.cfg, height, width)
+        return self.net(x=torch.cat([x_t, image], dim=1), timesteps=t)

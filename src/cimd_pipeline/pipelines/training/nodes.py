@@ -1,0 +1,60 @@
+"""Nodes of the ``training`` pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cimd_pipeline.config import ModelParams, TrainingParams
+from cimd_pipeline.data.aligned import AlignedSet
+from cimd_pipeline.models.trained import TrainedModel, build_model
+from cimd_pipeline.training.loop import run_fingerprint, train
+
+logger = logging.getLogger(__name__)
+
+
+def train_model(
+    data: AlignedSet, model: dict[str, Any], training: dict[str, Any], alignment: dict[str, Any]
+) -> tuple[TrainedModel, dict[str, Any]]:
+    """Train on the train split; return the EMA model and its loss curves as MLflow metrics.
+
+    Checkpoints live in ``training.checkpoint_dir/<variant>-<fingerprint>/last.pt`` so a changed
+    configuration starts afresh while the same one resumes.
+    """
+    model_params = ModelParams.model_validate(model)
+    train_params = TrainingParams.model_validate(training)
+    train_set = data.subset("train")
+    plain = model_params.model_dump(mode="json")
+    fingerprint = run_fingerprint(plain, train_params, train_set)
+    checkpoint = Path(train_params.checkpoint_dir) / f"{model_params.variant.value}-{fingerprint}" / "last.pt"
+    torch.manual_seed(train_params.seed)
+    net = build_model(model_params, train_set.image_channels)
+    parameters = sum(p.numel() for p in net.parameters())
+    logger.info("training %s (%d parameters) on %d cases", model_params.variant.value, parameters, len(train_set))
+    result = train(net, train_set, train_params, checkpoint, fingerprint)
+    trained = TrainedModel(
+        model=plain,
+        image_channels=train_set.image_channels,
+        image_size=train_set.image_size,
+        alignment=alignment,
+        state_dict=result.ema_state,
+        info={
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "device": result.device,
+            "fingerprint": fingerprint,
+            "parameters": parameters,
+            "resumed_from": result.resumed_from,
+        },
+    )
+    curves: dict[str, Any] = {
+        name: [{"value": row[name], "step": row["step"]} for row in result.history]
+        for name in ("loss", "mse", "vlb", "kl")
+        if result.history and name in result.history[0]
+    }
+    curves["seconds"] = {"value": result.seconds, "step": result.steps}
+    curves["parameters"] = {"value": float(parameters), "step": 0}
+    return trained, curves

@@ -1,0 +1,1 @@
+"""Model-agnostic training: EMA, atomic checkpoints with exact resume, device and precision."""

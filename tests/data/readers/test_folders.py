@@ -1,0 +1,195 @@
+"""The rater-folder reader: HPU-Net, CIMD and Bone-US layouts written with PIL, and bad inputs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cimd_pipeline.data.readers import get_reader
+from cimd_pipeline.errors import ConfigError, DataError
+
+HPUNET = {"images_folder": "images", "masks_folder": "gt", "group_regex": r"([^/]+)/[^/]+$"}
+CIMD = {"layout": "per_case", "image_glob": "image_*.jpg", "mask_glob": "label*_*.jpg"}
+BONE = {"layout": "per_case", "image_glob": "image.png", "mask_glob": "rater*.png"}
+
+
+def names(path: Path, problem: str) -> str:
+    """The regex of a `DataError` message: the file, then the problem (itself a regex)."""
+    return rf"{re.escape(str(path))}: {problem}"
+
+
+def disk(shape: tuple[int, int], radius: float, centre: tuple[int, int] = (16, 18)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2).astype(np.uint8)
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def scan(rng: np.random.Generator, shape=(32, 32)) -> np.ndarray:
+    return (rng.random(shape) * 255).astype(np.uint8)
+
+
+def hpunet_tree(root: Path, radii=(0, 5, 6, 7)) -> None:
+    """<split>/images/<patient>/<id>.png + <split>/gt/<patient>/<id>_l<k>.png (0/255 PNGs)."""
+    rng = np.random.default_rng(0)
+    for split, patient, crop in [("train", 1, 0), ("train", 1, 1), ("train", 2, 0), ("val", 3, 0)]:
+        name = f"LIDC-IDRI-{patient:04d}"
+        save(root / split / "images" / name / f"z-10{crop}.0_c{crop}.png", scan(rng))
+        for rater, radius in enumerate(radii):
+            mask = disk((32, 32), radius) * 255
+            save(root / split / "gt" / name / f"z-10{crop}.0_c{crop}_l{rater}.png", mask)
+
+
+def read(root: Path | None, **options) -> list:
+    return list(get_reader("folders")(root, options, 0))
+
+
+def test_flat_hpunet_tree_pairs_parallel_folders(tmp_path: Path):
+    hpunet_tree(tmp_path)
+    cases = read(tmp_path, **HPUNET)
+    assert [c.case_id for c in cases] == [
+        "train/LIDC-IDRI-0001/z-100.0_c0",
+        "train/LIDC-IDRI-0001/z-101.0_c1",
+        "train/LIDC-IDRI-0002/z-100.0_c0",
+        "val/LIDC-IDRI-0003/z-100.0_c0",
+    ]
+    groups = ["LIDC-IDRI-0001", "LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003"]
+    assert [c.group_id for c in cases] == groups
+    case = cases[0]
+    assert case.image.shape == (1, 32, 32) and case.image.dtype == np.float32
+    assert case.masks.shape == (4, 32, 32) and case.rater_valid.all()
+    assert set(np.unique(case.masks)) == {0, 255}  # PNG masks pass as stored; alignment binarises
+    assert not case.masks[0].any()  # an all-empty rater is valid data
+    np.testing.assert_array_equal(case.masks[3] > 0, disk((32, 32), 7))
+    assert case.meta["source"] == str(tmp_path / "train/images/LIDC-IDRI-0001/z-100.0_c0.png")
+
+
+def test_flat_single_folder_orders_raters_naturally(tmp_path: Path):
+    save(tmp_path / "a.png", scan(np.random.default_rng(1)))
+    for rater in (10, 2, 0):
+        save(tmp_path / f"a_seg{rater}.png", disk((32, 32), rater + 1))
+    (case,) = read(tmp_path, rater_suffix=r"_seg(\d+)")
+    assert case.case_id == case.group_id == "a"
+    expected = [int(disk((32, 32), r + 1).sum()) for r in (0, 2, 10)]
+    assert [int(m.sum()) for m in case.masks] == expected
+
+
+def cimd_case(root: Path, k: int, shape=(32, 32)) -> Path:
+    folder = root / f"case_{k}"
+    save(folder / f"image_{k}.jpg", scan(np.random.default_rng(k), shape), quality=75)
+    for rater in range(4):
+        save(folder / f"label{rater}_{k}.jpg", disk(shape, 5 + rater) * 255, quality=75)
+    return folder
+
+
+def test_cimd_jpeg_masks_are_binarised_above_127_not_above_0(tmp_path: Path):
+    folder = cimd_case(tmp_path, 3)
+    cimd_case(tmp_path, 4, shape=(40, 24))  # sizes may differ between cases
+    cases = read(tmp_path, **CIMD)
+    shapes = [(c.case_id, c.image.shape) for c in cases]
+    assert shapes == [("case_3", (1, 32, 32)), ("case_4", (1, 40, 24))]
+    masks = cases[0].masks
+    assert masks.dtype == np.uint8 and set(np.unique(masks)) == {0, 1}
+    for rater in range(4):
+        truth = disk((32, 32), 5 + rater)
+        iou = (masks[rater] & truth).sum() / (masks[rater] | truth).sum()
+        assert iou > 0.95
+        raw = np.asarray(Image.open(folder / f"label{rater}_3.jpg"))
+        assert (raw > 0).sum() > 1.3 * truth.sum()  # the halo the "> 0" rule would keep
+
+
+def test_bone_us_rgb_images_and_empty_masks(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    for k in range(2):
+        folder = tmp_path / f"patient{k}_scan"
+        save(folder / "image.png", (rng.random((24, 30, 3)) * 255).astype(np.uint8))
+        for rater in range(1, 5):
+            save(folder / f"rater{rater}.png", disk((24, 30), 6 * k, (10, 12)))
+    cases = read(tmp_path, **BONE, group_regex=r"(patient\d+)")
+    assert [c.group_id for c in cases] == ["patient0", "patient1"]
+    assert cases[0].image.shape == (1, 24, 30)
+    assert not cases[0].masks.any() and cases[0].rater_valid.all()  # nobody saw bone: still valid
+    assert read(tmp_path, **BONE, color="rgb")[1].image.shape == (3, 24, 30)
+
+
+def test_mask_without_image_flat(tmp_path: Path):
+    hpunet_tree(tmp_path)
+    orphan = save(tmp_path / "train/gt/LIDC-IDRI-0002/z-999.0_c9_l0.png", disk((32, 32), 4))
+    with pytest.raises(DataError, match=names(orphan, "rater mask with no image")):
+        read(tmp_path, **HPUNET)
+
+
+def test_mask_without_image_per_case(tmp_path: Path):
+    folder = cimd_case(tmp_path, 1)
+    (folder / "image_1.jpg").unlink()
+    with pytest.raises(DataError, match=names(folder / "label0_1.jpg", "rater mask with no image")):
+        read(tmp_path, **CIMD)
+
+
+def test_rater_masks_of_different_shapes(tmp_path: Path):
+    folder = cimd_case(tmp_path, 1)
+    bad = save(folder / "label2_1.jpg", disk((30, 32), 6) * 255, quality=75)
+    problem = r"rater mask shape \(30, 32\) differs from label0_1"
+    with pytest.raises(DataError, match=names(bad, problem)):
+        read(tmp_path, **CIMD)
+
+
+def test_mask_shape_differs_from_image(tmp_path: Path):
+    save(tmp_path / "a.png", scan(np.random.default_rng(0)))
+    bad = save(tmp_path / "a_l0.png", disk((16, 16), 4))
+    problem = r"rater mask shape \(16, 16\) differs from the image"
+    with pytest.raises(DataError, match=names(bad, problem)):
+        read(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["a.png", "a_l1.png"])
+def test_truncated_png(tmp_path: Path, name: str):
+    save(tmp_path / "a.png", scan(np.random.default_rng(0), (64, 64)))
+    save(tmp_path / "a_l0.png", disk((64, 64), 9) * 255)
+    save(tmp_path / "a_l1.png", disk((64, 64), 9) * 255)
+    broken = tmp_path / name
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with pytest.raises(DataError, match=names(broken, "unreadable image file")):
+        read(tmp_path)
+
+
+def test_case_with_zero_raters(tmp_path: Path):
+    hpunet_tree(tmp_path)
+    lonely = tmp_path / "val/images/LIDC-IDRI-0003/z-200.0_c0.png"
+    save(lonely, scan(np.random.default_rng(5)))
+    with pytest.raises(DataError, match=names(lonely, "case has zero raters")):
+        read(tmp_path, **HPUNET)
+
+
+def test_empty_dataset(tmp_path: Path):
+    (tmp_path / "case_1").mkdir()
+    with pytest.raises(DataError, match=names(tmp_path, "no images found matching")):
+        read(tmp_path, **CIMD)
+
+
+def test_two_images_in_a_case_folder(tmp_path: Path):
+    folder = cimd_case(tmp_path, 1)
+    save(folder / "image_2.jpg", scan(np.random.default_rng(0)))
+    with pytest.raises(DataError, match=names(folder, "several images match")):
+        read(tmp_path, **CIMD)
+
+
+def test_group_regex_must_match(tmp_path: Path):
+    cimd_case(tmp_path, 1)
+    with pytest.raises(DataError, match=r"case id 'case_1' does not match group_regex"):
+        read(tmp_path, **CIMD, group_regex=r"patient(\d+)")
+
+
+def test_root_problems(tmp_path: Path):
+    with pytest.raises(ConfigError, match="ingestion.root"):
+        read(None)
+    with pytest.raises(DataError, match=r"missing: no such folder"):
+        read(tmp_path / "missing")

@@ -1,0 +1,310 @@
+"""Tests for cimd_pipeline.metrics: hand-computed cases, conventions, invariances, and agreement
+of the vectorised/batched implementation with a plain per-pair numpy reference."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from cimd_pipeline.metrics import (
+    METRIC_KEYS,
+    ci_score,
+    dice_max,
+    evaluate_batch,
+    evaluate_case,
+    ged,
+    hm_iou,
+    pairwise_dice,
+    pairwise_iou,
+)
+
+# --------------------------------------------------------------------------- plain reference
+
+
+def ref_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def ref_dice(a, b):
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2 * np.logical_and(a, b).sum() / total
+
+
+def ref_spread(masks):
+    n = len(masks)
+    v = [1 - ref_dice(masks[i], masks[j]) for i in range(n) for j in range(i + 1, n)]
+    return (max(v), min(v)) if v else (0.0, 0.0)
+
+
+def ref_metrics(samples, raters):
+    """Every metric straight from its definition, one pair at a time."""
+    S, Y = [np.asarray(m, bool) for m in samples], [np.asarray(m, bool) for m in raters]
+    n, r = len(S), len(Y)
+
+    def mean_d(A, B):
+        return sum(1 - ref_iou(a, b) for a in A for b in B) / (len(A) * len(B))
+
+    out = {"ged": 2 * mean_d(S, Y) - mean_d(S, S) - mean_d(Y, Y)}
+
+    size = math.lcm(n, r)
+    S_rep, Y_rep = [S[k % n] for k in range(size)], [Y[k % r] for k in range(size)]
+    m = np.array([[ref_iou(a, b) for b in Y_rep] for a in S_rep])
+    if size <= 6:  # brute force, independent of scipy
+        perms = itertools.permutations(range(size))
+        best = max(sum(m[i, p[i]] for i in range(size)) for p in perms)
+    else:
+        rows, cols = linear_sum_assignment(m, maximize=True)
+        best = m[rows, cols].sum()
+    out["hm_iou"] = best / size
+
+    out["dice_max"] = out["d_max"] = np.mean([max(ref_dice(s, y) for s in S) for y in Y])
+    union_s, union_y = np.logical_or.reduce(S), np.logical_or.reduce(Y)
+    if union_y.sum() == 0:
+        out["s_c"] = 1.0 if union_s.sum() == 0 else 0.0
+    else:
+        out["s_c"] = np.logical_and(union_s, union_y).sum() / union_y.sum()
+    (s_max, s_min), (y_max, y_min) = ref_spread(S), ref_spread(Y)
+    out["d_a"] = 1 - (abs(s_max - y_max) + abs(s_min - y_min)) / 2
+    terms = (out["s_c"], out["d_max"], out["d_a"])
+    out["ci"] = 3 * np.prod(terms) / sum(terms) if sum(terms) > 0 else 0.0
+    out["ci_hm"] = 3 / sum(1 / t for t in terms) if min(terms) > 0 else 0.0
+    return out
+
+
+def assert_metrics_close(got, want, tol=1e-6):
+    assert set(got) == set(METRIC_KEYS)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], abs=tol), key
+
+
+def random_masks(rng, n, shape=(5, 6)):
+    """Masks of varied density; about one in five is empty, some are duplicated."""
+    p = rng.choice([0.0, 0.15, 0.4, 0.7], size=n, p=[0.2, 0.3, 0.3, 0.2])
+    masks = rng.random((n, *shape)) < p[:, None, None]
+    if n > 2 and rng.random() < 0.5:
+        masks[-1] = masks[0]
+    return masks
+
+
+# --------------------------------------------------------------------------- hand-computed cases
+
+# 2x2 masks, pixels named a b / c d.
+S_HAND = np.array([[[1, 1], [0, 0]], [[1, 0], [0, 0]]])  # {a, b}, {a}
+Y_HAND = np.array([[[1, 0], [0, 0]], [[0, 0], [1, 1]]])  # {a}, {c, d}
+
+
+def test_hand_case_2x2_all_metrics():
+    # IoU  S x Y = [[1/2, 0], [1, 0]]  -> mean d_sy = (1/2 + 1 + 0 + 1) / 4 = 5/8
+    # d_ss = [[0, 1/2], [1/2, 0]] -> 1/4 ; d_yy = [[0, 1], [1, 0]] -> 1/2
+    # GED = 2 * 5/8 - 1/4 - 1/2 = 1/2
+    assert ged(S_HAND, Y_HAND) == pytest.approx(0.5)
+    # Best matching S1-Y2 (0) + S2-Y1 (1) -> 1/2
+    assert hm_iou(S_HAND, Y_HAND) == pytest.approx(0.5)
+    # Dice S x Y = [[2/3, 0], [1, 0]] -> mean(max(2/3, 1), max(0, 0)) = 1/2
+    assert dice_max(S_HAND, Y_HAND) == pytest.approx(0.5)
+    # S_c = |{a}| / |{a, c, d}| = 1/3 ; V_s = {1/3}, V_y = {1} -> D_a = 1 - (2/3 + 2/3)/2 = 1/3
+    # CI = 3 * (1/3)(1/2)(1/3) / (1/3 + 1/2 + 1/3) = 1/7 ; harmonic = 3 / (3 + 2 + 3) = 3/8
+    got = ci_score(S_HAND, Y_HAND)
+    want = {"ci": 1 / 7, "ci_hm": 3 / 8, "s_c": 1 / 3, "d_max": 0.5, "d_a": 1 / 3}
+    assert got == pytest.approx(want)
+
+
+# 1x4 masks (pixels 0..3).
+S_CI = np.array([[[1, 1, 0, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]]])
+Y_CI = np.array([[[1, 1, 0, 0]], [[0, 1, 1, 0]]])
+
+
+def test_hand_case_ci_score():
+    # S_c = |{0,1}| / |{0,1,2}| = 2/3
+    # Dice S x Y = [[1, 1/2], [2/3, 0], [0, 0]] -> D_max = (1 + 1/2) / 2 = 3/4
+    # V_s = {1 - 2/3, 1 - 0, 1 - 0} -> max 1, min 1/3 ; V_y = {1 - 1/2} -> max = min = 1/2
+    # D_a = 1 - (|1 - 1/2| + |1/3 - 1/2|) / 2 = 1 - (1/2 + 1/6) / 2 = 2/3
+    # CI = 3 * (2/3)(3/4)(2/3) / (2/3 + 3/4 + 2/3) = 1 / (25/12) = 12/25
+    # harmonic = 3 / (3/2 + 4/3 + 3/2) = 9/13
+    got = ci_score(S_CI, Y_CI)
+    want = {"ci": 12 / 25, "ci_hm": 9 / 13, "s_c": 2 / 3, "d_max": 0.75, "d_a": 2 / 3}
+    assert got == pytest.approx(want)
+
+
+def test_hand_case_dice_max():
+    assert dice_max(S_CI, Y_CI) == pytest.approx(0.75)
+    # A single sample {0} against raters {0,1} and {2}: Dice 2/3 and 0 -> 1/3
+    assert dice_max([[[1, 0, 0]]], [[[1, 1, 0]], [[0, 0, 1]]]) == pytest.approx(1 / 3)
+
+
+def test_identical_empty_sets():
+    empty = np.zeros((3, 4, 4), bool)
+    got = evaluate_case(empty, empty[:2])
+    assert got == {"ged": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
+                   "s_c": 1.0, "d_max": 1.0, "d_a": 1.0}
+
+
+def test_one_empty_side():
+    samples = np.zeros((2, 3, 3), bool)  # predicts nothing
+    raters = np.zeros((2, 3, 3), bool)
+    raters[:, 1, 1] = True  # both raters mark the same pixel
+    # d_sy = 1 everywhere, d_ss = 0 (empty vs empty), d_yy = 0 (identical) -> GED = 2
+    got = evaluate_case(samples, raters)
+    assert got["ged"] == pytest.approx(2.0)
+    assert got["hm_iou"] == 0.0 and got["dice_max"] == 0.0
+    assert got["s_c"] == 0.0 and got["ci"] == 0.0 and got["ci_hm"] == 0.0
+    # Raters see nothing but samples do: sensitivity is 0 by convention.
+    assert ci_score(raters, samples)["s_c"] == 0.0
+
+
+def test_identical_sets_have_zero_ged_thanks_to_diagonal():
+    # Disjoint masks: off-diagonal d = 1. Dropping the diagonal would give 2*1/2 - 1 - 1 = -1.
+    masks = np.eye(3, dtype=bool).reshape(3, 1, 3)
+    assert ged(masks, masks) == pytest.approx(0.0, abs=1e-12)
+    assert ged(masks, masks[[2, 0, 1]]) == pytest.approx(0.0, abs=1e-12)
+    assert hm_iou(masks, masks[::-1]) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- HM-IoU replication
+
+
+def test_hm_iou_lcm_n2_r3():
+    samples = np.array([[[1, 0, 0]], [[0, 1, 0]]])
+    raters = np.array([[[1, 0, 0]], [[0, 1, 0]], [[1, 1, 0]]])
+    # L = 6: three copies of each sample, two of each rater. IoU S x Y = [[1, 0, .5], [0, 1, .5]]
+    # best: S1->Y1,Y1,Y3 and S2->Y2,Y2,Y3 = (4 + 1) / 6. (A 2x3 rectangular match would give 1.)
+    assert hm_iou(samples, raters) == pytest.approx(5 / 6)
+
+
+def test_hm_iou_lcm_n16_r3():
+    raters = np.eye(3, dtype=bool).reshape(3, 1, 3)  # disjoint
+    # Perfect agreement needs 3 * (#samples equal to Y_j) == 16 copies of Y_j: impossible unless
+    # all raters coincide. With 5/5/6 samples per rater, 15 + 15 + 16 of the 48 matches are
+    # perfect and the remaining two pair disjoint masks: score 46/48.
+    samples = raters[[0] * 5 + [1] * 5 + [2] * 6]
+    assert hm_iou(samples, raters) == pytest.approx(46 / 48)
+    assert hm_iou(samples[::-1], raters[[2, 0, 1]]) == pytest.approx(46 / 48)
+    # The consensus case does reach 1: every sample equals the (shared) rater mask.
+    assert hm_iou(np.repeat(raters[:1], 16, axis=0), np.repeat(raters[:1], 3, axis=0)) == 1.0
+
+
+# --------------------------------------------------------------------------- invariances/reference
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_permutation_invariance(seed):
+    rng = np.random.default_rng(seed)
+    samples, raters = random_masks(rng, 6), random_masks(rng, 4)
+    base = evaluate_case(samples, raters)
+    permuted = evaluate_case(samples[rng.permutation(6)], raters[rng.permutation(4)])
+    assert_metrics_close(permuted, base, tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_case_matches_reference(seed):
+    rng = np.random.default_rng(100 + seed)
+    n, r = rng.integers(1, 7), rng.integers(1, 5)
+    samples, raters = random_masks(rng, n), random_masks(rng, r)
+    want = ref_metrics(samples, raters)
+    assert_metrics_close(evaluate_case(samples, raters), want)
+    # The single-metric entry points agree with the shared path.
+    assert ged(samples, raters) == pytest.approx(want["ged"], abs=1e-6)
+    assert hm_iou(samples, raters) == pytest.approx(want["hm_iou"], abs=1e-6)
+    assert dice_max(samples, raters) == pytest.approx(want["dice_max"], abs=1e-6)
+    ci = ci_score(samples, raters)
+    assert {k: ci[k] for k in ci} == pytest.approx({k: want[k] for k in ci}, abs=1e-6)
+
+
+def test_batch_with_ragged_raters_matches_reference():
+    rng = np.random.default_rng(7)
+    b, n, r = 5, 4, 4
+    samples = np.stack([random_masks(rng, n) for _ in range(b)])
+    raters = np.stack([random_masks(rng, r) for _ in range(b)])
+    samples[3] = False  # a case whose samples are all empty
+    valid = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]], bool)
+    raters[~valid] = rng.random((int((~valid).sum()), 5, 6)) < 0.5  # junk in padded slots
+    got = evaluate_batch(samples, torch.from_numpy(raters), torch.from_numpy(valid))
+    assert len(got) == b
+    for case in range(b):
+        assert_metrics_close(got[case], ref_metrics(samples[case], raters[case][valid[case]]))
+
+
+def test_padding_content_is_ignored_even_if_not_binary():
+    rng = np.random.default_rng(3)
+    samples, raters = random_masks(rng, 3)[None], random_masks(rng, 2)[None].astype(np.float32)
+    padded = np.concatenate([raters, np.full_like(raters, np.nan)], axis=1)
+    got = evaluate_batch(samples, padded, np.array([[True, True, False, False]]))
+    assert_metrics_close(got[0], evaluate_case(samples[0], raters[0]), tol=1e-12)
+
+
+def test_torch_and_int_inputs_and_pairwise():
+    a = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
+    b = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 1], [1, 1]]])
+    iou, dice = pairwise_iou(a, b), pairwise_dice(a.numpy(), b.numpy())
+    assert iou.dtype == torch.float64 and iou.shape == (2, 3)
+    f64 = torch.float64
+    torch.testing.assert_close(iou, torch.tensor([[0.5, 0.0, 0.25], [0.0, 1.0, 0.0]], dtype=f64))
+    torch.testing.assert_close(dice, torch.tensor([[2 / 3, 0.0, 0.4], [0.0, 1.0, 0.0]], dtype=f64))
+    got = evaluate_case(a, b.bool())
+    assert all(type(v) is float for v in got.values())
+    assert_metrics_close(got, ref_metrics(a.numpy(), b.numpy()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(11)
+    samples = torch.from_numpy(np.stack([random_masks(rng, 6, (32, 32)) for _ in range(3)]))
+    raters = torch.from_numpy(np.stack([random_masks(rng, 4, (32, 32)) for _ in range(3)]))
+    valid = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    cpu = evaluate_batch(samples, raters, valid)
+    gpu = evaluate_batch(samples.cuda(), raters.cuda(), valid.cuda())
+    for c, g in zip(cpu, gpu):
+        assert_metrics_close(g, c, tol=1e-9)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def z(*shape):
+    return np.zeros(shape, bool)
+
+
+@pytest.mark.parametrize(
+    ("samples", "raters", "message"),
+    [
+        (z(4, 4), z(2, 4, 4), r"samples must have shape \[N, H, W\]"),
+        (z(2, 4, 4), z(1, 2, 4, 4), r"raters must have shape \[R, H, W\]"),
+        (z(2, 4, 4), z(2, 4, 5), "must share H, W"),
+        (z(0, 4, 4), z(2, 4, 4), "at least one sample"),
+        (z(2, 4, 4), z(0, 4, 4), "at least one valid rater"),
+        (np.full((2, 4, 4), 2), z(2, 4, 4), "samples must be binary"),
+        (np.zeros((2, 4, 4)), np.full((2, 4, 4), 0.5), "raters must be binary"),
+    ],
+)
+def test_case_validation(samples, raters, message):
+    for fn in (ged, hm_iou, dice_max, ci_score, evaluate_case):
+        with pytest.raises(ValueError, match=message):
+            fn(samples, raters)
+
+
+@pytest.mark.parametrize(
+    ("samples", "raters", "valid", "message"),
+    [
+        (z(2, 3, 4, 4), z(2, 2, 4, 4), [[1, 0], [0, 0]], r"cases \[1\] have none"),
+        (z(2, 3, 4, 4), z(2, 2, 4, 4), [[1, 0]], r"rater_valid must have shape \(2, 2\)"),
+        (z(2, 3, 4, 4), z(2, 2, 4, 4), [[1, 2], [1, 1]], "rater_valid must be binary"),
+        (z(2, 3, 4, 4), z(3, 2, 4, 4), None, "batch sizes differ"),
+        (z(3, 4, 4), z(2, 2, 4, 4), None, r"samples must have shape \[B, N, H, W\]"),
+        (z(2, 0, 4, 4), z(2, 2, 4, 4), None, "at least one sample"),
+        (z(2, 3, 4, 4), z(2, 2, 4, 3), None, "must share H, W"),
+        (z(2, 3, 4, 4), np.full((2, 2, 4, 4), 3), [[1, 0], [0, 1]], "raters must be binary"),
+    ],
+)
+def test_batch_validation(samples, raters, valid, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_batch(samples, raters, valid)
+
+
+def test_mixed_devices_rejected():
+    # The "meta" device stands in for a GPU: the check fires before any data is touched.
+    with pytest.raises(ValueError, match="different devices"):
+        ged(torch.zeros(2, 3, 3, device="meta"), torch.zeros(2, 3, 3))

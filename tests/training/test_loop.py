@@ -1,0 +1,146 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cimd_pipeline.config import TrainingParams
+from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases, stack_cases
+from cimd_pipeline.data.synthetic import SyntheticConfig, generate
+from cimd_pipeline.errors import DataError
+from cimd_pipeline.models.cimd import CIMD
+from cimd_pipeline.models.trained import TrainedModel
+from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from cimd_pipeline.training.loop import run_fingerprint, train
+from tests.models.test_cimd import tiny
+
+
+@pytest.fixture(scope="module")
+def data():
+    aligned = align_cases(generate(SyntheticConfig(num_cases=12, image_size=32)), (16, 16), ResizeMode.RESIZE, Normalisation.ZSCORE, None, 2, 0.0, 0)
+    return stack_cases(aligned, {"train": 1.0, "test": 0.0001}, 0).subset("train")
+
+
+def fresh(variant="cimd_aa"):
+    torch.manual_seed(0)
+    return CIMD(tiny(variant), image_channels=1)
+
+
+def params(**kw):
+    base = {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "log_every": 2, "progress": False}
+    return TrainingParams.model_validate({**base, **kw})
+
+
+def test_loss_decreases_on_a_fixed_batch_budget(data, tmp_path):
+    result = train(fresh("ddpm_prob"), data, params(max_steps=60, log_every=20, lr=3e-3), tmp_path / "c.pt", "fp")
+    losses = [h["mse"] for h in result.history]
+    assert losses[-1] < losses[0]
+
+
+def test_resumed_training_reaches_exactly_the_uninterrupted_weights(data, tmp_path):
+    full = train(fresh(), data, params(), tmp_path / "a" / "last.pt", "fp")
+    part = train(fresh(), data, params(max_steps=3), tmp_path / "b" / "last.pt", "fp")
+    assert part.steps == 3
+    resumed = train(fresh(), data, params(), tmp_path / "b" / "last.pt", "fp")
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    for key, value in full.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[key]), key
+    # the short run also logged its last (partial) window at step 3; the curve continues after it
+    assert [h["step"] for h in resumed.history] == [2, 3, 4, 6]
+    assert resumed.history[0] == full.history[0] and resumed.history[-1] == full.history[-1]
+
+
+def test_resume_false_starts_again(data, tmp_path):
+    train(fresh(), data, params(max_steps=3), tmp_path / "last.pt", "fp")
+    again = train(fresh(), data, params(max_steps=3, resume=False), tmp_path / "last.pt", "fp")
+    assert again.resumed_from == 0
+
+
+def test_checkpoint_of_another_configuration_is_refused(data, tmp_path):
+    train(fresh(), data, params(max_steps=3), tmp_path / "last.pt", "fp-one")
+    with pytest.raises(ValueError, match="another run configuration"):
+        train(fresh(), data, params(), tmp_path / "last.pt", "fp-two")
+
+
+def test_fingerprint_ignores_max_steps_but_not_lr(data):
+    model = {"variant": "cimd_aa"}
+    assert run_fingerprint(model, params(max_steps=5), data) == run_fingerprint(model, params(max_steps=50), data)
+    assert run_fingerprint(model, params(lr=1e-4), data) != run_fingerprint(model, params(lr=2e-4), data)
+
+
+def test_strict_load_lists_mismatched_shapes():
+    small = fresh()
+    other = CIMD(tiny().model_copy(update={"latent_dim": 3}), image_channels=1)
+    with pytest.raises(DataError, match=r"shape mismatch amn\.head\.weight: checkpoint \(12, 8, 1, 1\) vs model \(6, 8, 1, 1\)"):
+        load_state_strict(other, small.state_dict(), "model.pt")
+
+
+def test_unwritable_checkpoint_folder_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    os.chmod(path.parent, 0o500)
+    try:
+        if os.access(path.parent, os.W_OK):
+            pytest.skip("running as a user that ignores folder permissions")
+        with pytest.raises(OSError):
+            save_checkpoint({"step": 2}, path)
+    finally:
+        os.chmod(path.parent, 0o700)
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_failed_write_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_missing_and_unsafe_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="unreadable or unsafe checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_trained_model_round_trip_rebuilds_the_same_network(tmp_path):
+    from cimd_pipeline.io.model_dataset import TrainedModelDataset
+
+    net = fresh()
+    trained = TrainedModel(tiny().model_dump(mode="json"), 1, (16, 16), {"normalisation": "zscore"}, net.state_dict())
+    ds = TrainedModelDataset(str(tmp_path / "model.pt"))
+    ds.save(trained)
+    rebuilt = ds.load().build()
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([3, 500])
+    torch.testing.assert_close(rebuilt.denoiser(x, x, t), net.eval().denoiser(x, x, t))
+
+
+def test_nan_loss_stops_training_without_overwriting_the_checkpoint(data, tmp_path):
+    net = fresh()
+    train(net, data, params(max_steps=3), tmp_path / "last.pt", "fp")
+    with torch.no_grad():
+        for p in net.denoiser.parameters():
+            p.fill_(float("nan"))
+    broken = fresh()
+    broken.load_state_dict(net.state_dict())
+    with pytest.raises(FloatingPointError, match="at step"):
+        train(broken, data, params(max_steps=6, resume=False), tmp_path / "other.pt", "fp")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
