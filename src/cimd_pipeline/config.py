@@ -60,6 +60,8 @@ class Variant(str, Enum):
     CIMD_FC = "cimd_fc"
     DDPM_DET = "ddpm_det"
     DDPM_PROB = "ddpm_prob"
+    PROB_UNET = "prob_unet"  # baseline: Kohl et al. 2018 (models/prob_unet.py)
+    PHISEG = "phiseg"  # baseline: Baumgartner et al. 2019 (models/phiseg.py)
 
     @property
     def uses_ambiguity_nets(self) -> bool:
@@ -88,6 +90,56 @@ class AmbiguityNetParams(Strict):
     filters: tuple[int, ...] = (32, 64, 128, 192)
 
 
+# --- baselines (issue 9): Probabilistic U-Net and PHiSeg --------------------------------------
+class BaselineParams(Strict):
+    """The ``prob_unet`` and ``phiseg`` networks; defaults are the originals' except PHiSeg's depth.
+
+    ``filters`` are the channels per resolution level (PHiSeg repeats the last one below the
+    fourth level, as its code does). PHiSeg has ``phiseg_resolution_levels`` levels, the coarsest
+    ``phiseg_levels`` of which carry a latent; the original uses 7 and 5 at 128x128.
+    """
+
+    filters: tuple[int, ...] = Field((32, 64, 128, 192), min_length=1)
+    num_convs: int = Field(3, ge=1)
+    latent_dim: int = Field(6, ge=1)
+    beta: float = Field(1.0, ge=0)
+    phiseg_levels: int = Field(5, ge=1)
+    phiseg_resolution_levels: int = Field(5, ge=1)
+    phiseg_latent_dim: int = Field(2, ge=1)
+    phiseg_aux_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _latents_fit(self) -> "BaselineParams":
+        if self.phiseg_levels > self.phiseg_resolution_levels:
+            raise ValueError("phiseg_levels cannot exceed phiseg_resolution_levels")
+        return self
+
+
+def baseline_size_problems(model: "ModelParams", image_size: int) -> list[str]:
+    """Why ``image_size`` does not suit the ``prob_unet``/``phiseg`` networks (empty list: it does)."""
+    b = model.baselines
+    if model.variant is Variant.PROB_UNET:
+        factor, smallest = 2 ** (len(b.filters) - 1), 2 ** len(b.filters)
+        if image_size % factor or image_size < smallest:
+            return [
+                f"alignment.image_size: {image_size} does not suit prob_unet: its U-Net with "
+                f"{len(b.filters)} levels needs a multiple of {factor} and its prior/posterior nets "
+                f"at least {smallest} pixels; use fewer model.baselines.filters or a larger image"
+            ]
+    if model.variant is Variant.PHISEG:
+        factor = 2 ** (b.phiseg_resolution_levels - 1)
+        if image_size % factor:
+            return [
+                f"alignment.image_size: {image_size} does not suit phiseg: "
+                f"{b.phiseg_resolution_levels} resolution levels need a multiple of {factor}; lower "
+                "model.baselines.phiseg_resolution_levels (and phiseg_levels) or use a larger image"
+            ]
+    return []
+
+
+# --- end baselines ------------------------------------------------------------------------------
+
+
 class ModelParams(Strict):
     variant: Variant = Variant.CIMD_AA
     prediction_type: PredictionType = PredictionType.X0
@@ -99,6 +151,7 @@ class ModelParams(Strict):
     latent_dim: int = Field(6, ge=1)
     unet: UNetParams = UNetParams()
     ambiguity_nets: AmbiguityNetParams = AmbiguityNetParams()
+    baselines: BaselineParams = BaselineParams()  # prob_unet / phiseg only
 
 
 class TrainingParams(Strict):
@@ -127,6 +180,7 @@ class SamplingParams(Strict):
     batch_size: int = Field(256, ge=1)
     seed: int = 0
     split: Literal["train", "val", "test"] = "test"
+    max_cases: int | None = Field(None, ge=1)
     progress: bool = True
 
 
@@ -180,6 +234,8 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, Strict]:
                 f"alignment.image_size: {alignment.image_size} is smaller than the "
                 f"{2 ** len(model.ambiguity_nets.filters)} pixels the AMN/ACN encoder down-samples"
             )
+    if isinstance(model, ModelParams) and isinstance(alignment, AlignmentParams):
+        problems.extend(baseline_size_problems(model, alignment.image_size))
     if isinstance(model, ModelParams) and isinstance(sampling, SamplingParams):
         if sampling.steps > model.num_timesteps:
             problems.append(

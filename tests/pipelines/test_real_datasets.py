@@ -14,15 +14,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tests.conftest import make_project_copy, run_kedro
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from cimd_pipeline.errors import DataError
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.io.case_folder import CaseFolderDataset
-from cimd_pipeline.errors import DataError
 from cimd_pipeline.pipelines import data_ingestion, mask_alignment
+from tests.conftest import make_project_copy, run_kedro
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +101,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    project = make_project_copy(tmp_path_factory.mktemp("real") / "project")
-    # kedro refuses a project without its source folder; the package itself is installed
-    (project / "src").mkdir(exist_ok=True)
-    return project
+    return make_project_copy(tmp_path_factory.mktemp("real") / "project")
 
 
 @pytest.mark.parametrize("env", list(WRITERS))

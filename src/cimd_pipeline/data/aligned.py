@@ -57,7 +57,12 @@ class AlignedSet:
         """The cases of one split (a copy of only those rows)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        index = np.flatnonzero(self.cases["split"].to_numpy() == split)
+        return self.take(np.flatnonzero(self.cases["split"].to_numpy() == split))
+
+    def take(self, index: np.ndarray | int) -> "AlignedSet":
+        """The cases at positions ``index`` (or the first ``index`` cases), copied."""
+        if isinstance(index, int):
+            index = np.arange(min(index, len(self)))
         return AlignedSet(
             images=np.asarray(self.images[index]),
             masks=np.asarray(self.masks[index]),

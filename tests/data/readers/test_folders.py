@@ -193,3 +193,11 @@ def test_root_problems(tmp_path: Path):
         read(None)
     with pytest.raises(DataError, match=r"missing: no such folder"):
         read(tmp_path / "missing")
+
+
+def test_two_images_for_one_flat_case(tmp_path: Path):
+    save(tmp_path / "a.png", scan(np.random.default_rng(0)))
+    second = save(tmp_path / "a.tif", scan(np.random.default_rng(1)))
+    save(tmp_path / "a_l0.png", disk((32, 32), 4))
+    with pytest.raises(DataError, match=names(second, "second image for case 'a'")):
+        read(tmp_path, pattern="*")

@@ -161,6 +161,13 @@ def test_missing_modality(tmp_path: Path):
         read("msmri", tmp_path)
 
 
+def test_hidden_copies_are_ignored(tmp_path: Path):
+    folder = msmri_case(tmp_path, 1, 1)
+    (folder / "._FLAIR.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (case,) = read("msmri", tmp_path)
+    assert case.image.shape == (4, *SHAPE)
+
+
 def test_file_matching_two_modalities(tmp_path: Path):
     folder = msmri_case(tmp_path, 1, 1)
     path = save(folder / "t1_flair.nii.gz", modality(0))
@@ -172,6 +179,13 @@ def test_case_with_zero_raters(tmp_path: Path):
     save(tmp_path / "case01" / "image.nii.gz", modality(0))
     image = tmp_path / "case01/image.nii.gz"
     with pytest.raises(DataError, match=names(image, "case has zero raters")):
+        read("qubiq", tmp_path)
+
+
+def test_2d_mask_for_a_3d_image(tmp_path: Path):
+    save(tmp_path / "case01" / "image.nii.gz", modality(0)[:, :, :4])  # channels as a third axis
+    mask = save(tmp_path / "case01" / "task01_seg01.nii.gz", lesion()[:, :, 3])
+    with pytest.raises(DataError, match=names(mask, "2-D file for the 3-D image image.nii.gz")):
         read("qubiq", tmp_path)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +72,11 @@ def group_of(case_id: str, regex: str | None, source: object) -> str:
     return found.group(1) if found.re.groups else found.group(0)
 
 
+def data_files(paths: Iterable[Path]) -> list[Path]:
+    """Sorted regular files, without hidden ones (``._x.png`` copies that macOS leaves behind)."""
+    return sorted(p for p in paths if p.is_file() and not p.name.startswith("."))
+
+
 def require_root(root: Path | None, source: str) -> Path:
     """The dataset folder, or a clear error when it is not configured or missing."""
     if root is None:
@@ -104,10 +109,11 @@ def _drop_folder(parts: tuple[str, ...], folder: str | None) -> tuple[str, ...] 
 
 
 def _flat_pairs(root: Path, opts: FolderOptions) -> dict[str, tuple[Path, list[Path]]]:
+    """Case id -> (image, rater masks), pairing files by name; every mask must find its image."""
     suffix = re.compile(f"(?:{opts.rater_suffix})$")
     images: dict[str, Path] = {}
     masks: dict[str, list[Path]] = {}
-    for path in sorted(p for p in root.glob(opts.pattern) if p.is_file()):
+    for path in data_files(root.glob(opts.pattern)):
         found = suffix.search(path.stem)
         folder = opts.masks_folder if found else opts.images_folder
         parts = _drop_folder(path.relative_to(root).parts, folder)
@@ -117,6 +123,8 @@ def _flat_pairs(root: Path, opts: FolderOptions) -> dict[str, tuple[Path, list[P
         case_id = "/".join((*parts[:-1], stem))
         if found:
             masks.setdefault(case_id, []).append(path)
+        elif case_id in images:
+            raise DataError(path, f"second image for case {case_id!r} ({images[case_id].name})")
         else:
             images[case_id] = path
     for case_id, files in masks.items():
@@ -126,10 +134,11 @@ def _flat_pairs(root: Path, opts: FolderOptions) -> dict[str, tuple[Path, list[P
 
 
 def _per_case_pairs(root: Path, opts: FolderOptions) -> dict[str, tuple[Path, list[Path]]]:
+    """Case folder -> (its one image, its rater masks); folders with neither are not cases."""
     pairs: dict[str, tuple[Path, list[Path]]] = {}
     for folder in sorted(p for p in root.glob(opts.case_glob) if p.is_dir()):
-        masks = sorted((p for p in folder.glob(opts.mask_glob) if p.is_file()), key=natural_key)
-        images = [p for p in sorted(folder.glob(opts.image_glob)) if p.is_file() and p not in masks]
+        masks = sorted(data_files(folder.glob(opts.mask_glob)), key=natural_key)
+        images = [p for p in data_files(folder.glob(opts.image_glob)) if p not in masks]
         if len(images) > 1:
             names = [p.name for p in images]
             raise DataError(folder, f"several images match {opts.image_glob!r}: {names}")
@@ -172,6 +181,7 @@ def read_mask(path: Path, threshold: float) -> np.ndarray:
 
 
 def _case(case_id: str, image_path: Path, mask_paths: list[Path], opts: FolderOptions) -> Case:
+    """Read one case; mask shapes are checked here because only the files know their sizes."""
     image = read_image(image_path, opts.color)
     masks: list[np.ndarray] = []
     for path in mask_paths:

@@ -46,6 +46,7 @@ def read_lidc(root: Path | None, options: dict[str, Any], seed: int) -> Iterator
 
 
 def _cases(path: Path) -> Iterator[Case]:
+    """Load the pickle when the first case is asked for, then hand the entries out one by one."""
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise DataError(path, f"expected a dict of cases, got {type(data).__name__}")
@@ -58,6 +59,7 @@ def _cases(path: Path) -> Iterator[Case]:
 
 
 def _case(path: Path, key: str, entry: Any) -> Case:
+    """One pickle entry as a `Case`; errors name the file and the entry's key."""
     where = f"{path} [case {key}]"
     if not isinstance(entry, dict):
         raise DataError(where, f"entry is a {type(entry).__name__}, expected a dict")

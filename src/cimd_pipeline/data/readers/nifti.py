@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.grid import resample_to_grid, same_grid
-from cimd_pipeline.data.readers.folders import group_of, natural_key, require_root
+from cimd_pipeline.data.readers.folders import data_files, group_of, natural_key, require_root
 from cimd_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def _read(root: Path | None, options: dict[str, Any], source: str) -> Iterator[C
 
 
 def _case_key(root: Path, path: Path, regex: str | None) -> str | None:
+    """The case of a file: its folder, or what ``case_regex`` finds (None: not a case file)."""
     relative = path.relative_to(root)
     if regex is None:
         parent = relative.parent.as_posix()
@@ -108,8 +109,8 @@ def _collect(root: Path, opts: NiftiOptions) -> dict[str, tuple[dict[str, Path],
     modality_patterns = {name: _patterns(p) for name, p in opts.modalities.items()}
     files: dict[str, dict[str, Path]] = {}
     masks: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+    for path in data_files(root.rglob("*")):
+        if not path.name.lower().endswith((".nii", ".nii.gz")):
             continue
         key = _case_key(root, path, opts.case_regex)
         if key is None:
@@ -175,12 +176,19 @@ def _on_grid(
     path: Path,
     opts: NiftiOptions,
     is_mask: bool,
-    grid: tuple[tuple[int, ...], np.ndarray],
+    grid: tuple[tuple[int, ...], np.ndarray, bool],
     reference: Path,
 ) -> np.ndarray:
-    """Load ``path`` and resample it onto ``grid`` (shape, affine) unless it is already there."""
-    data, affine, _ = load_volume(path, opts.reorient, is_mask)
-    shape, grid_affine = grid
+    """Load ``path`` and resample it onto ``grid`` (shape, affine, 2-D) unless it is already there.
+
+    A 2-D file beside a 3-D image (or the reverse) is refused: QUBIQ's brain-tumour images store
+    four channels as a third axis, and slicing those as a volume would pair masks with channels.
+    """
+    data, affine, flat = load_volume(path, opts.reorient, is_mask)
+    shape, grid_affine, grid_flat = grid
+    if flat != grid_flat:
+        dims = ("2-D", "3-D") if flat else ("3-D", "2-D")
+        raise DataError(path, f"{dims[0]} file for the {dims[1]} image {reference.name}")
     if same_grid(data.shape, affine, shape, grid_affine):
         return data
     logger.info("%s: resampling onto the grid of %s", path, reference.name)
@@ -189,9 +197,10 @@ def _on_grid(
 
 
 def _case(key: str, files: dict[str, Path], mask_paths: list[Path], opts: NiftiOptions) -> Case:
+    """Stack modalities and masks on the first modality's grid; 2-D files give a 2-D case."""
     paths = list(files.values())
     reference, affine, flat = load_volume(paths[0], opts.reorient, is_mask=False)
-    grid = (reference.shape, affine)
+    grid = (reference.shape, affine, flat)
     channels = [reference, *(_on_grid(p, opts, False, grid, paths[0]) for p in paths[1:])]
     masks = [_on_grid(p, opts, True, grid, paths[0]) for p in mask_paths]
     image = np.stack(channels).astype(np.float32, copy=False)

@@ -28,6 +28,7 @@ def evaluate_samples(
         "sampling_seconds": float(samples.info.get("seconds", float("nan"))),
         "variant": trained_model.model.get("variant"),
         "train_steps": int(trained_model.info.get("steps", 0)),
+        "train_seconds": float(trained_model.info.get("train_seconds", float("nan"))),
     }
     summary = summarise(per_case, info)
     return summary, per_case, to_mlflow_metrics(summary)

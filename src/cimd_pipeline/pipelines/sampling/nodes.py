@@ -27,6 +27,8 @@ def sample_test_cases(
             f"model was trained at {tuple(trained_model.image_size)} but the aligned data is "
             f"{cases.image_size}: re-run training or align to the model's size"
         )
+    if params.max_cases is not None and len(cases) > params.max_cases:
+        cases = cases.take(params.max_cases)
     device = select_device(TrainingParams.model_validate(training).device)
     net = trained_model.build("data/06_models/model.pt")
     samples = draw_ensembles(net, cases.images, cases.cases["case_id"].to_numpy(), params, device)
