@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Pipeline, node, pipeline
 
+from cimd_pipeline.mlflow_model import package_mlflow_model
 from cimd_pipeline.pipelines.training.nodes import train_model
 
 
@@ -13,6 +14,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["aligned_dataset", "params:model", "params:training", "params:alignment"],
                 ["trained_model", "training_curves"],
                 name="train_model",
-            )
+            ),
+            # Logs model.pt as an MLflow pyfunc in the same run (catalog entry `mlflow_model`).
+            node(
+                package_mlflow_model,
+                ["trained_model", "params:sampling"],
+                "mlflow_model",
+                name="package_mlflow_model",
+            ),
         ]
     )

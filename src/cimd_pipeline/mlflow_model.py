@@ -1,0 +1,80 @@
+"""The trained model as an MLflow pyfunc: images in, samples and uncertainty maps out.
+
+The model file (``model.pt``) travels as an MLflow artefact and holds the weights, the network
+configuration and the training pre-processing; the sampler settings are the run's ``sampling``
+block. ``predict`` therefore needs nothing from the project's configuration, only the installed
+``cimd_pipeline`` package, and gives the same results as the ``inference`` pipeline.
+
+Logged by the training pipeline's ``package_mlflow_model`` node through kedro-mlflow's
+``MlflowModelTrackingDataset`` (catalog entry ``mlflow_model``), in the same MLflow run as the
+training curves. Load it with ``mlflow.pyfunc.load_model(f"runs:/{run_id}/cimd_model")``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.inference import sample_maps
+from cimd_pipeline.models.trained import TrainedModel
+from cimd_pipeline.training.checkpoint import load_checkpoint
+from cimd_pipeline.training.loop import select_device
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT = "trained_model"  # key of model.pt in the pyfunc's artifacts
+
+
+class CIMDPyfuncModel(mlflow.pyfunc.PythonModel):
+    """Pyfunc wrapper around a `TrainedModel` and fixed sampler settings.
+
+    Args:
+        sampling: a validated ``sampling`` block (plain dict, pickled with the model).
+    """
+
+    def __init__(self, sampling: dict[str, Any]) -> None:
+        self.sampling = SamplingParams.model_validate(sampling).model_dump(mode="json")
+
+    def load_context(self, context) -> None:
+        """Load ``model.pt`` safely (``weights_only``) and build the network on the best device."""
+        path = context.artifacts[ARTIFACT]
+        self.trained = TrainedModel.from_dict(load_checkpoint(path))
+        self.net = self.trained.build(path)
+        self.device = select_device("auto")
+
+    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+        """Samples and maps for a batch of images of any in-plane size.
+
+        Args:
+            model_input: float array (B, C, H, W) of raw intensities (or a dict holding it under
+                ``"images"``); normalisation and resizing are applied here as in training.
+
+        Returns:
+            ``samples`` uint8 (B, N, H, W); ``mean``, ``variance`` (of the binary samples) and
+            ``entropy`` (bits, of the mean) float32 (B, H, W).
+        """
+        images = model_input["images"] if isinstance(model_input, dict) else model_input
+        images = np.asarray(images, dtype=np.float32)
+        channels = self.trained.image_channels
+        if images.ndim != 4 or images.shape[1] != channels:
+            raise ValueError(f"expected images of shape (B, {channels}, H, W), got {images.shape}")
+        if not np.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite intensities")
+        sampling = SamplingParams.model_validate({**self.sampling, "progress": False})
+        maps = sample_maps(self.net, self.trained, [image[None] for image in images], sampling, self.device)
+        names = ("samples", "mean", "variance", "entropy")
+        return {name: np.stack([getattr(m, name)[0] for m in maps]) for name in names}
+
+
+def package_mlflow_model(trained_model: TrainedModel, sampling: dict[str, Any]) -> CIMDPyfuncModel:
+    """The pyfunc to log; ``trained_model`` is an input so that ``model.pt`` is written first.
+
+    The catalog entry passes ``model.pt`` as the pyfunc's artefact: the weights are never pickled.
+    """
+    variant, steps = trained_model.model.get("variant"), trained_model.info.get("steps")
+    logger.info("packaging %s (%s training steps) as an MLflow pyfunc", variant, steps)
+    return CIMDPyfuncModel(sampling)

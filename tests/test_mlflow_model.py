@@ -1,0 +1,39 @@
+"""The pyfunc logged by the training run loads back from mlflow.db and predicts."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.pipelines.test_inference import trained_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pyfunc(tmp_path_factory):
+    project = trained_project(tmp_path_factory)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["cimd_pipeline"])
+    assert len(runs) == 1  # the pyfunc is logged in the run that trained the model
+    return mlflow.pyfunc.load_model(f"runs:/{runs.iloc[0]['run_id']}/cimd_model")
+
+
+def test_pyfunc_round_trip(pyfunc):
+    images = np.random.default_rng(0).normal(size=(3, 1, 20, 24)).astype(np.float32)
+    out = pyfunc.predict(images)
+    assert out["samples"].shape == (3, 4, 20, 24) and out["samples"].dtype == np.uint8  # conf/test: N = 4
+    for name in ("mean", "variance", "entropy"):
+        assert out[name].shape == (3, 20, 24) and out[name].dtype == np.float32
+    assert out["mean"] == pytest.approx(out["samples"].mean(1), abs=1e-6)
+    assert out["variance"] == pytest.approx(out["samples"].var(1), abs=1e-6)
+    again = pyfunc.predict({"images": images})
+    assert np.array_equal(again["samples"], out["samples"])  # the sampler seed is part of the model
+
+
+def test_pyfunc_refuses_wrong_shapes_and_nan(pyfunc):
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        pyfunc.predict(np.zeros((2, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        pyfunc.predict(np.full((1, 1, 16, 16), np.nan, np.float32))
