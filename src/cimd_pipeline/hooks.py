@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any
 
+import mlflow
 from kedro.framework.hooks import hook_impl
+from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.config import validate_parameters
+from cimd_pipeline.errors import ConfigError
+from cimd_pipeline.mlflow_runs import KILLED, close_dead_runs, owner_tags
 
 logger = logging.getLogger(__name__)
 
@@ -22,5 +27,57 @@ class ParameterValidationHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         params = catalog.load("parameters")
-        validate_parameters(params)
+        try:
+            validate_parameters(params)
+        except ConfigError:
+            # Kedro calls no on_pipeline_error for an error raised in this hook, and MLflow's exit
+            # handler would then close kedro-mlflow's run as FINISHED.
+            if mlflow.active_run() is not None:
+                mlflow.end_run("FAILED")
+            raise
         logger.info("parameters validated: %s", ", ".join(sorted(params)))
+
+
+# --- MLflow run ownership (issue 8: killed runs must not stay RUNNING) ------------------------
+class MlflowRunOwnerHook:
+    """Tag kedro-mlflow's run with its process; close runs that dead processes left RUNNING.
+
+    settings.HOOKS lists it after `ParameterValidationHook`, so it runs before it (pluggy calls the
+    last registered first) and after kedro-mlflow's hook, which registers from its entry point
+    after HOOKS and starts the run. A run still open at interpreter exit, when the pipeline neither
+    finished nor failed (Ctrl-C), would be closed FINISHED by MLflow's exit handler; it is marked
+    KILLED instead.
+    """
+
+    def __init__(self) -> None:
+        self._open_run: str | None = None
+        self._exit_handler_registered = False
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        run = mlflow.active_run()
+        if run is None:
+            return  # tracking is disabled for this pipeline
+        mlflow.set_tags(owner_tags())
+        close_dead_runs(MlflowClient(), run.info.experiment_id, run.info.run_id)
+        self._open_run = run.info.run_id
+        if not self._exit_handler_registered:
+            atexit.register(self._close_interrupted_run)
+            self._exit_handler_registered = True
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], run_result: Any) -> None:
+        self._open_run = None
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any]) -> None:
+        self._open_run = None
+
+    def _close_interrupted_run(self) -> None:
+        # kedro-mlflow re-enters its run for each node, so the run can sit twice on MLflow's stack.
+        closed = False
+        while (active := mlflow.active_run()) is not None and active.info.run_id == self._open_run:
+            mlflow.end_run(KILLED)
+            closed = True
+        if closed:
+            logger.warning("pipeline interrupted: MLflow run %s marked %s", self._open_run, KILLED)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 
-from cimd_pipeline.hooks import ParameterValidationHook
+from cimd_pipeline.hooks import MlflowRunOwnerHook, ParameterValidationHook
 
 
 def _project_root() -> str:
@@ -19,7 +19,8 @@ def _project_root() -> str:
     return str(here)
 
 
-HOOKS = (ParameterValidationHook(),)
+# Called last-registered first: MlflowRunOwnerHook tags the run before validation can fail it.
+HOOKS = (ParameterValidationHook(), MlflowRunOwnerHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

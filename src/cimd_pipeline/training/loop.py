@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,18 @@ def run_fingerprint(model_params: dict[str, Any], training: TrainingParams, data
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def make_deterministic(device: torch.device) -> None:
+    """``training.deterministic``: refuse non-deterministic kernels (an error, not a warning).
+
+    On CUDA, cuBLAS is only reproducible with a fixed workspace; torch raises without
+    ``CUBLAS_WORKSPACE_CONFIG``, so it is set here unless the user chose a value.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+
+
 @dataclass
 class TrainResult:
     """What training leaves behind: EMA weights, loss history and timing."""
@@ -94,8 +107,7 @@ def train(
         raise ValueError("the train split is empty: check alignment.split and the dataset size")
     device = select_device(params.device)
     if params.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
+        make_deterministic(device)
     model.to(device)
     ema = EMA(model, params.ema_decay, params.ema_warmup)
     trainable = [p for p in model.parameters() if p.requires_grad]
