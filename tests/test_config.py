@@ -36,3 +36,8 @@ def test_image_size_must_fit_the_unet_depth():
 def test_sampler_steps_cannot_exceed_training_steps():
     with pytest.raises(ConfigError, match="sampling.steps"):
         validate_parameters({"model": {"num_timesteps": 100}, "sampling": {"steps": 200}})
+
+
+def test_unknown_ingestion_source_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"ingestion.source: unknown source 'dicom'.*'lidc'"):
+        validate_parameters({"ingestion": {"source": "dicom"}})

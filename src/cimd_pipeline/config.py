@@ -109,31 +109,31 @@ class BaselineParams(Strict):
     phiseg_aux_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _latents_fit(self) -> "BaselineParams":
+    def _latents_fit(self) -> BaselineParams:
         if self.phiseg_levels > self.phiseg_resolution_levels:
             raise ValueError("phiseg_levels cannot exceed phiseg_resolution_levels")
         return self
 
 
-def baseline_size_problems(model: "ModelParams", image_size: int) -> list[str]:
+def baseline_size_problems(model: ModelParams, image_size: int) -> list[str]:
     """Why ``image_size`` does not suit the ``prob_unet``/``phiseg`` networks (empty list: it does)."""
     b = model.baselines
     if model.variant is Variant.PROB_UNET:
         factor, smallest = 2 ** (len(b.filters) - 1), 2 ** len(b.filters)
         if image_size % factor or image_size < smallest:
-            return [
+            return [(
                 f"alignment.image_size: {image_size} does not suit prob_unet: its U-Net with "
                 f"{len(b.filters)} levels needs a multiple of {factor} and its prior/posterior nets "
                 f"at least {smallest} pixels; use fewer model.baselines.filters or a larger image"
-            ]
+            )]
     if model.variant is Variant.PHISEG:
         factor = 2 ** (b.phiseg_resolution_levels - 1)
         if image_size % factor:
-            return [
+            return [(
                 f"alignment.image_size: {image_size} does not suit phiseg: "
                 f"{b.phiseg_resolution_levels} resolution levels need a multiple of {factor}; lower "
                 "model.baselines.phiseg_resolution_levels (and phiseg_levels) or use a larger image"
-            ]
+            )]
     return []
 
 
@@ -241,6 +241,12 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, Strict]:
             problems.append(
                 f"sampling.steps: {sampling.steps} exceeds model.num_timesteps={model.num_timesteps}"
             )
+    ingestion = parsed.get("ingestion")
+    if isinstance(ingestion, IngestionParams):
+        from cimd_pipeline.data.readers import READERS  # readers import this module's neighbours
+
+        if ingestion.source not in READERS:
+            problems.append(f"ingestion.source: unknown source {ingestion.source!r}; known: {sorted(READERS)}")
     if problems:
         raise ConfigError("invalid parameters:\n  - " + "\n  - ".join(problems))
     return parsed
