@@ -21,8 +21,9 @@ import pandas as pd  # noqa: E402
 
 from _kedro import ROOT, kedro_run, read_metrics, tag_latest_run  # noqa: E402
 
-VARIANTS = ("cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob")
-COLUMNS = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "train_seconds", "sampling_seconds")
+VARIANTS = ("cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob", "prob_unet", "phiseg")  # last two: baselines (issue 9)
+COLUMNS = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "train_seconds", "sampling_seconds",
+           "seconds_per_16_samples")
 logger = logging.getLogger("ablation")
 
 
@@ -37,6 +38,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse-data", action="store_true", help="skip ingestion and alignment")
     parser.add_argument("--extra", default="", help="more Kedro params, 'a.b=1,c.d=2'")
     return parser.parse_args()
+
+
+def seconds_per_16_samples(metrics: dict) -> float:
+    """Seconds to draw 16 samples for one image (the seed's speed comparison), from metrics.json."""
+    try:
+        return metrics["sampling_seconds"] / metrics["test_cases"] * 16 / metrics["num_samples"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return float("nan")
 
 
 def summarise(rows: pd.DataFrame) -> str:
@@ -87,6 +96,7 @@ def main() -> None:
                 params[key] = value
             wall = kedro_run("--pipelines", "training,sampling,evaluation", env=args.env, params=params)
             metrics = read_metrics()
+            metrics["seconds_per_16_samples"] = seconds_per_16_samples(metrics)
             run_id = tag_latest_run({"variant": variant, "seed": str(seed), "ablation": group})
             rows.append({"variant": variant, "seed": seed, "run_id": run_id, "wall_seconds": wall,
                          **{c: metrics.get(c, float("nan")) for c in COLUMNS}})

@@ -23,7 +23,7 @@ def batch(b=3, r=4, size=16):
     return image, masks, valid
 
 
-@pytest.mark.parametrize("variant", [v.value for v in Variant])
+@pytest.mark.parametrize("variant", ["cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob"])
 def test_losses_and_sample_shapes_for_every_variant(variant):
     torch.manual_seed(0)
     net = CIMD(tiny(variant), image_channels=2)

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cimd_pipeline.config import ModelParams
+from cimd_pipeline.config import ModelParams, Variant
 from cimd_pipeline.models.cimd import CIMD
+from cimd_pipeline.models.phiseg import PHiSeg  # baselines (issue 9)
+from cimd_pipeline.models.prob_unet import ProbUNet  # baselines (issue 9)
 from cimd_pipeline.training.checkpoint import load_state_strict
 
 FORMAT_VERSION = 1
@@ -22,6 +24,10 @@ FORMAT_VERSION = 1
 
 def build_model(params: ModelParams, image_channels: int) -> nn.Module:
     """The network for ``params.variant`` with freshly initialised weights."""
+    if params.variant is Variant.PROB_UNET:  # baselines (issue 9)
+        return ProbUNet(params, image_channels)
+    if params.variant is Variant.PHISEG:
+        return PHiSeg(params, image_channels)
     return CIMD(params, image_channels)
 
 

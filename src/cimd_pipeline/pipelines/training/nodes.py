@@ -50,10 +50,10 @@ def train_model(
             "resumed_from": result.resumed_from,
         },
     )
+    # every loss term the model returns (CIMD: loss/mse/vlb/kl; the baselines: loss/bce/kl/...)
+    terms = [name for name in result.history[0] if name != "step"] if result.history else []
     curves: dict[str, Any] = {
-        name: [{"value": row[name], "step": row["step"]} for row in result.history]
-        for name in ("loss", "mse", "vlb", "kl")
-        if result.history and name in result.history[0]
+        name: [{"value": row[name], "step": row["step"]} for row in result.history] for name in terms
     }
     curves["seconds"] = {"value": result.seconds, "step": result.steps}
     curves["parameters"] = {"value": float(parameters), "step": 0}
