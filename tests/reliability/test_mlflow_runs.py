@@ -59,7 +59,11 @@ def tracking(store, tmp_path, request):
     """A fresh experiment in `store`, set as MLflow's global tracking target for the test."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
-    yield mlflow.create_experiment(request.node.name, artifact_location=str(tmp_path / "artefacts"))
+    experiment = mlflow.create_experiment(request.node.name, artifact_location=str(tmp_path / "artefacts"))
+    # Earlier tests in the same process may have set another active experiment, which
+    # mlflow.start_run(run_id=...) would refuse to resume a run from.
+    mlflow.set_experiment(experiment_id=experiment)
+    yield experiment
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(previous)
