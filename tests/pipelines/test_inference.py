@@ -111,6 +111,19 @@ def test_nifti_volume_keeps_grid_affine_and_header(model, tmp_path):
     assert (tmp_path / "out/scan/overlay.png").exists()
 
 
+def test_readme_example_scans(model, tmp_path):
+    """The README's inference command reads ``examples/new_scans``: three PNGs and a volume."""
+    examples = Path(__file__).resolve().parents[2] / "examples/new_scans"
+    summary = run_inference(model, params(examples, tmp_path / "out"), torch.device("cpu"))
+    assert sorted(Path(p).name for p in summary["input"]) == [
+        "bone.png", "lesions.png", "nodule.png", "nodules_volume.nii.gz"]
+    assert list(summary["slices"]) == [1, 1, 1, 3]
+    volume = nib.load(examples / "nodules_volume.nii.gz")
+    samples = nib.load(tmp_path / "out/nodules_volume/samples.nii.gz")
+    assert samples.shape == (64, 64, 3, 5) and np.allclose(samples.affine, volume.affine)
+    assert np.asarray(Image.open(tmp_path / "out/nodule/mean.png")).shape == (64, 64)
+
+
 def test_two_d_nifti_gives_four_d_samples(model, tmp_path):
     nib.save(nib.Nifti1Image(np.ones((9, 7), np.float32), np.eye(4)), tmp_path / "flat.nii")
     run_inference(model, params(tmp_path / "flat.nii", tmp_path / "out"), torch.device("cpu"))
