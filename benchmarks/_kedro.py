@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# The project the scripts run in: this checkout, or $CIMD_PROJECT_DIR (a copy for parallel streams,
+# or the tests' throw-away project).
+ROOT = Path(os.environ.get("CIMD_PROJECT_DIR") or Path(__file__).resolve().parents[1]).resolve()
 
 
 def kedro_run(*args: str, env: str | None = None, params: dict | None = None) -> float:

@@ -5,6 +5,11 @@ scored by the same code. Writes ``data/08_reporting/ablation.csv`` (one row per 
 ``ablation.md`` (mean ± std over seeds) and ``ablation.png``.
 
     python benchmarks/ablation.py --steps 1500 --seeds 0 1 2
+
+Runs spread over several invocations or project copies (e.g. two parallel streams with
+``OMP_NUM_THREADS=1``) are combined without training anything by
+
+    python benchmarks/ablation.py --summarise streamA/ablation.csv streamB/ablation.csv
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampling-steps", type=int, default=None, help="sampling.steps (default: conf)")
     parser.add_argument("--reuse-data", action="store_true", help="skip ingestion and alignment")
     parser.add_argument("--extra", default="", help="more Kedro params, 'a.b=1,c.d=2'")
+    parser.add_argument("--summarise", nargs="+", metavar="CSV", default=None,
+                        help="only combine these ablation.csv files into the table and figure")
     return parser.parse_args()
 
 
@@ -74,9 +81,23 @@ def plot(rows: pd.DataFrame) -> None:
     fig.savefig(ROOT / "data/08_reporting/ablation.png", dpi=110)
 
 
+def write_report(table: pd.DataFrame, title: str) -> None:
+    out = ROOT / "data/08_reporting"
+    table.to_csv(out / "ablation.csv", index=False)
+    (out / "ablation.md").write_text(f"# {title}\n\n" + summarise(table))
+    plot(table)
+    print(summarise(table))
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.summarise:
+        table = pd.concat([pd.read_csv(path) for path in args.summarise], ignore_index=True)
+        order = {v: i for i, v in enumerate(VARIANTS)}
+        table = table.sort_values(["variant", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
+        write_report(table, "Ablation (combined: " + ", ".join(args.summarise) + ")")
+        return
     if not args.reuse_data:
         logger.info("preparing data: %.0f s", kedro_run("--pipelines", "data_ingestion,mask_alignment", env=args.env))
     group = time.strftime("ablation-%Y%m%d-%H%M%S")
@@ -102,12 +123,7 @@ def main() -> None:
                          **{c: metrics.get(c, float("nan")) for c in COLUMNS}})
             logger.info("%s seed %d: GED %.3f (oracle %.3f), %.0f s", variant, seed, metrics["ged"],
                         metrics.get("ged_oracle", float("nan")), wall)
-    table = pd.DataFrame(rows)
-    out = ROOT / "data/08_reporting"
-    table.to_csv(out / "ablation.csv", index=False)
-    (out / "ablation.md").write_text(f"# Ablation {group}\n\n" + summarise(table))
-    plot(table)
-    print(summarise(table))
+    write_report(pd.DataFrame(rows), f"Ablation {group}")
 
 
 if __name__ == "__main__":
