@@ -69,3 +69,17 @@ def test_step_sweep_tabulates_and_logs(project):
     assert len(run) == 1
     history = mlflow.MlflowClient().get_metric_history(run["run_id"].iloc[0], "sweep.ddim.ged")
     assert sorted(m.step for m in history) == [2, 4]
+
+
+def test_ambiguity_probe_measures_the_encoders(project):
+    """The probe reads the last (cimd_aa) model; larger initial heads must show a larger KL."""
+    model = project / "data/06_models/model.pt"
+    if not model.exists():
+        run_script(project, "ablation.py", "--env", "test", "--steps", "3", "--variants", "cimd_aa")
+    out = run_script(project, "ambiguity_probe.py", "--cases", "8")
+    assert "cimd_aa model" in out
+    table = pd.read_csv(project / "data/08_reporting/ambiguity_probe.csv").set_index("encoders")
+    assert list(table.columns) == ["kl", "amn_spread", "rater_shift", "grad_share"]
+    assert (table >= 0).all().all() and table.notna().all().all()
+    small, default = table.loc["fresh, head N(0, 0.01^2)"], table.loc["fresh, PyTorch default init"]
+    assert default["kl"] > small["kl"] and default["grad_share"] > small["grad_share"]
