@@ -172,16 +172,21 @@ class TrainingParams(Strict):
     progress: bool = True
 
 
-class SamplingParams(Strict):
+class SamplerSettings(Strict):
+    """How masks are drawn; shared by the ``sampling`` and ``inference`` blocks."""
+
     num_samples: int = Field(16, ge=1)
     method: Literal["ddpm", "ddim"] = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     seed: int = 0
+    progress: bool = True
+
+
+class SamplingParams(SamplerSettings):
     split: Literal["train", "val", "test"] = "test"
     max_cases: int | None = Field(None, ge=1)
-    progress: bool = True
 
 
 class EvaluationParams(Strict):

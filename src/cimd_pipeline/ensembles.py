@@ -40,7 +40,7 @@ def draw_ensembles(
 ) -> SampleSet:
     """Draw ``params.num_samples`` masks for each image (B, C, H, W) with ``net.sample``.
 
-    ``net.sample(image_batch, params, generator)`` returns soft masks (b, 1, H, W); one seeded
+    ``net`` keeps `models.contract.Segmenter`: ``net.sample`` returns soft masks; one seeded
     generator makes the whole set reproducible for a fixed ``batch_size``.
     """
     n = params.num_samples

@@ -30,7 +30,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from cimd_pipeline.config import AlignmentParams, SamplingParams, Strict
+from cimd_pipeline.config import AlignmentParams, SamplerSettings, SamplingParams
 from cimd_pipeline.data.alignment import fit_to_size, normalise
 from cimd_pipeline.data.readers.folders import data_files, read_image
 from cimd_pipeline.ensembles import draw_ensembles
@@ -46,19 +46,13 @@ PNG_SCALE = 65535  # 16-bit PNG maps hold value * PNG_SCALE
 _NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
 
-class InferenceParams(Strict):
+class InferenceParams(SamplerSettings):
     """The ``inference`` parameter block (``conf/base/parameters_inference.yml``)."""
 
     input: str | None = None
     output: str = "data/07_model_output/inference"
-    num_samples: int = Field(16, ge=1)
-    method: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
-    seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    progress: bool = True
 
     @classmethod
     def parse(cls, block: dict | None) -> "InferenceParams":
@@ -75,15 +69,8 @@ class InferenceParams(Strict):
 
     def sampling(self, seed_offset: int = 0) -> SamplingParams:
         """The sampler settings (``progress`` off: inference shows one bar over images)."""
-        return SamplingParams(
-            num_samples=self.num_samples,
-            method=self.method,
-            steps=self.steps,
-            eta=self.eta,
-            batch_size=self.batch_size,
-            seed=self.seed + seed_offset,
-            progress=False,
-        )
+        shared = self.model_dump(include=set(SamplerSettings.model_fields))
+        return SamplingParams(**{**shared, "seed": self.seed + seed_offset, "progress": False})
 
 
 @dataclass

@@ -62,7 +62,7 @@ def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
         for family, group in per_case.groupby("family"):
             for k in ("ged", "hm_iou", "dice_max", "ci"):
                 summary[f"{k}_{family}"] = float(group[k].mean())
-    summary["test_cases"] = int(len(per_case))
+    summary["test_cases"] = len(per_case)
     summary.update(info)
     return summary
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases, stack_cases
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.ensembles import SampleSet
@@ -10,7 +11,6 @@ from cimd_pipeline.errors import DataError
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.io.case_folder import CaseFolderDataset
 from cimd_pipeline.io.sample_dataset import SampleSetDataset
-from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases, stack_cases
 
 
 def test_case_folder_round_trip_streams_a_generator(tmp_path):

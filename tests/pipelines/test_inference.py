@@ -13,7 +13,13 @@ from PIL import Image
 
 from cimd_pipeline.config import ModelParams
 from cimd_pipeline.errors import ConfigError, DataError
-from cimd_pipeline.inference import PNG_SCALE, InferenceParams, binary_entropy, load_image, run_inference
+from cimd_pipeline.inference import (
+    PNG_SCALE,
+    InferenceParams,
+    binary_entropy,
+    load_image,
+    run_inference,
+)
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.pipelines.inference.nodes import predict_images

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from cimd_pipeline.config import ModelParams, SamplingParams, Variant
-from cimd_pipeline.diffusion import GaussianDiffusion, linear_betas, respaced_diffusion, sample, space_timesteps
+from cimd_pipeline.diffusion import (
+    GaussianDiffusion,
+    linear_betas,
+    respaced_diffusion,
+    sample,
+    space_timesteps,
+)
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, kl_divergence
 from cimd_pipeline.models.denoiser import ConditionalDenoiser, UNetConfig
 
@@ -81,11 +87,7 @@ class CIMD(nn.Module):
     ) -> dict[str, Tensor]:
         """Per-batch mean loss terms ``loss``, ``mse``, ``vlb``, ``kl`` (scalars).
 
-        Args:
-            image: (B, C, H, W) normalised images.
-            masks: (B, R, H, W) rater masks in {0, 1}.
-            valid: (B, R) bool, at least one True per row.
-            generator: the only source of randomness (rater choice, t, noise).
+        Arguments as in `cimd_pipeline.models.contract.Segmenter.losses`.
         """
         x0 = target_masks(masks, valid, self.variant, generator)
         t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), generator=generator, device=x0.device)

@@ -181,11 +181,7 @@ class PHiSeg(nn.Module):
     ) -> dict[str, Tensor]:
         """Batch means of ``loss`` = ``bce`` + aux_weight·``aux`` + beta·``kl`` (each summed per image).
 
-        Args:
-            image: (B, C, H, W) normalised images.
-            masks: (B, R, H, W) rater masks in {0, 1}.
-            valid: (B, R) bool, at least one True per row.
-            generator: the only source of randomness (rater choice, z).
+        Arguments as in `cimd_pipeline.models.contract.Segmenter.losses`.
         """
         target = chosen_rater(masks, valid, generator)
         z, mu_q, sigma_q = self.posterior(torch.cat([image, 2.0 * target - 1.0], dim=1), generator)

@@ -125,11 +125,7 @@ class ProbUNet(nn.Module):
     ) -> dict[str, Tensor]:
         """Batch means of ``loss`` = ``bce`` + beta·``kl``; ``bce`` is summed over pixels per image.
 
-        Args:
-            image: (B, C, H, W) normalised images.
-            masks: (B, R, H, W) rater masks in {0, 1}.
-            valid: (B, R) bool, at least one True per row.
-            generator: the only source of randomness (rater choice, z).
+        Arguments as in `cimd_pipeline.models.contract.Segmenter.losses`.
         """
         target = chosen_rater(masks, valid, generator)
         posterior = self.posterior(torch.cat([image, 2.0 * target - 1.0], dim=1))

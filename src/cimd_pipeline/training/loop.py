@@ -1,10 +1,10 @@
 """The training loop shared by every model variant.
 
-Any ``nn.Module`` with ``losses(image, masks, valid, generator) -> {"loss": ..., ...}`` trains
-here, so CIMD, its ablations and the baselines share data sampling, optimiser, EMA, checkpoints,
-resume, device choice and mixed precision. All randomness flows through one ``torch.Generator``
-whose state is checkpointed: a run resumed after a kill reaches exactly the weights of an
-uninterrupted one on the same machine.
+Any ``nn.Module`` with the ``losses`` of `models.contract.Segmenter` trains here, so CIMD, its
+ablations and the baselines share data sampling, optimiser, EMA, checkpoints, resume, device
+choice and mixed precision. All randomness flows through one ``torch.Generator`` whose state is
+checkpointed: a run resumed after a kill reaches exactly the weights of an uninterrupted one on
+the same machine.
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from cimd_pipeline.pipelines.evaluation.nodes import evaluate_samples, plot_metric_distribution, plot_samples
+from cimd_pipeline.pipelines.evaluation.nodes import (
+    evaluate_samples,
+    plot_metric_distribution,
+    plot_samples,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
