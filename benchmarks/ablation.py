@@ -84,9 +84,10 @@ def plot(rows: pd.DataFrame) -> None:
 def write_report(table: pd.DataFrame, title: str) -> None:
     out = ROOT / "data/08_reporting"
     table.to_csv(out / "ablation.csv", index=False)
-    (out / "ablation.md").write_text(f"# {title}\n\n" + summarise(table))
+    summary = summarise(table)
+    (out / "ablation.md").write_text(f"# {title}\n\n" + summary)
     plot(table)
-    print(summarise(table))
+    print(summary)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from _kedro import ROOT, markdown_table  # noqa: E402
+from _kedro import ROOT, markdown_table
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.io.model_dataset import TrainedModelDataset
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder
