@@ -55,15 +55,19 @@ def seconds_per_16_samples(metrics: dict) -> float:
         return float("nan")
 
 
-def summarise(rows: pd.DataFrame) -> str:
-    """Markdown table of mean ± std per variant (std over seeds; blank with one seed)."""
-    lines = ["| variant | runs | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
-    for variant, group in rows.groupby("variant", sort=False):
+def summarise(rows: pd.DataFrame, columns: tuple[str, ...] = COLUMNS, by: tuple[str, ...] = ("variant",)) -> str:
+    """Markdown table of mean ± std per group (std over seeds; blank with one seed)."""
+    lines = ["| " + " | ".join(by) + " | runs | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + len(by) + 1) + "|"]
+    for key, group in rows.groupby(list(by), sort=False):
         cells = []
-        for column in COLUMNS:
-            mean, std = group[column].mean(), group[column].std()
-            cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if len(group) > 1 else ""))
-        lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+        for column in columns:
+            values = group[column]
+            if values.nunique() <= 1:  # a setting (steps) or a data property (ged_oracle): no spread
+                cells.append(f"{values.iloc[0]:g}" if values.iloc[0] == round(values.iloc[0]) else f"{values.iloc[0]:.3f}")
+            else:
+                cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+        lines.append("| " + " | ".join(map(str, key)) + f" | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts a user runs directly: ablation (and its --summarise), step sweep."""
+"""The benchmark scripts a user runs directly: ablation (and its --summarise), step sweep, probe, method comparison."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 from tests.conftest import PROJECT, make_project_copy
 
 
-def run_script(project: Path, name: str, *args: str) -> str:
-    env = {**os.environ, "CIMD_PROJECT_DIR": str(project), "KEDRO_DISABLE_TELEMETRY": "1"}
+def run_script(project: Path, name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a benchmark script on ``project``; its stdout and stderr (the scripts log to stderr)."""
+    env = {**os.environ, "CIMD_PROJECT_DIR": str(project), "KEDRO_DISABLE_TELEMETRY": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / name), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,38 @@ def test_ambiguity_probe_measures_the_encoders(project):
     assert (table >= 0).all().all() and table.notna().all().all()
     small, default = table.loc["fresh, head N(0, 0.01^2)"], table.loc["fresh, PyTorch default init"]
     assert default["kl"] > small["kl"] and default["grad_share"] > small["grad_share"]
+
+
+def test_method_comparison_runs_the_kedro_chain_without_kedro(project, tmp_path):
+    """Both budgets for every seed, equal-time steps from the measured costs, a resumable run,
+    and with Kedro and MLflow unimportable (a GPU node's torch-only Python) the same metrics as
+    ``kedro run`` for the same variant and seed."""
+    hidden = tmp_path / "hidden"
+    for package in ("kedro", "kedro_datasets", "kedro_mlflow", "mlflow"):
+        (hidden / package).mkdir(parents=True)
+        (hidden / package / "__init__.py").write_text(f"raise ImportError('{package} hidden by the test')")
+    out = tmp_path / "comparison"
+    args = ("--env", "test", "--steps", "3", "--cost-steps", "1", "3", "--seeds", "0", "1", "--variants",
+            "ddpm_det", "prob_unet", "--reference", "ddpm_det", "--jobs", "2", "--params",
+            "sampling.max_cases=2", "--out", str(out))
+    log = run_script(project, "method_comparison.py", *args, env={"PYTHONPATH": str(hidden)})
+    assert "6 runs to do" in log
+    table = pd.read_csv(out / "method_comparison.csv")
+    assert list(zip(table["budget"], table["variant"], table["seed"])) == [
+        ("steps", "ddpm_det", 0), ("steps", "ddpm_det", 1), ("steps", "prob_unet", 0), ("steps", "prob_unet", 1),
+        ("time", "prob_unet", 0), ("time", "prob_unet", 1)]
+    costs = pd.read_csv(out / "costs.csv").set_index("variant")["step_seconds"]
+    equal_time = max(1, round(3 * costs["ddpm_det"] / costs["prob_unet"]))
+    assert list(table.loc[table["budget"] == "time", "steps"]) == [equal_time, equal_time]
+    assert table[["ged", "hm_iou", "dice_max", "ci", "ged_oracle", "train_seconds"]].notna().all().all()
+    assert "| steps | ddpm_det | 2 | 3 |" in (out / "method_comparison.md").read_text()
+    assert (out / "method_comparison.png").stat().st_size > 0
+
+    assert "0 runs to do" in run_script(project, "method_comparison.py", *args)  # resumes: nothing left
+
+    run_script(project, "ablation.py", "--env", "test", "--steps", "3", "--variants", "ddpm_det",
+               "--extra", "sampling.max_cases=2", env={"OMP_NUM_THREADS": "1"})
+    kedro = pd.read_csv(project / "data/08_reporting/ablation.csv").iloc[0]
+    direct = table.iloc[0]
+    for metric in ("ged", "hm_iou", "dice_max", "ci", "ged_oracle"):
+        assert direct[metric] == pytest.approx(kedro[metric], rel=1e-6), metric

@@ -42,6 +42,18 @@ def test_initial_distribution_is_close_to_standard_normal(covariance):
     assert torch.allclose(dist.variance, torch.ones_like(dist.variance), atol=0.2)
 
 
+@pytest.mark.parametrize("covariance", list(Covariance))
+def test_encoder_gives_a_float32_gaussian_under_bf16_autocast(covariance):
+    """Training on CUDA runs under bf16 autocast; the full-covariance head used to fail there
+    (an index put of float32 softplus values into a bf16 factor), found on an H200."""
+    encoder = GaussianEncoder(IN_CHANNELS, covariance=covariance)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = encoder(torch.randn(BATCH, IN_CHANNELS, 32, 32))
+        kl = kl_divergence(dist, encoder(torch.randn(BATCH, IN_CHANNELS, 32, 32)))
+    assert dist.mean.dtype == torch.float32 and kl.dtype == torch.float32
+    assert torch.isfinite(kl).all()
+
+
 def test_covariance_accepts_string_value():
     assert GaussianEncoder(IN_CHANNELS, covariance="full").covariance is Covariance.FULL
 

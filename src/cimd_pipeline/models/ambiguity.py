@@ -134,7 +134,9 @@ class GaussianEncoder(nn.Module):
                 f"need H and W >= {self.min_size}"
             )
         pooled = self.features(x).mean(dim=(-2, -1), keepdim=True)  # (N, F, 1, 1)
-        params = self.head(pooled).flatten(1)  # (N, num_params)
+        # float32 under bf16 autocast: the Gaussian, its Cholesky factor and the KL (values near
+        # 1e-8 in a trained model) are meaningless at bf16's 8-bit mantissa.
+        params = self.head(pooled).flatten(1).float()  # (N, num_params)
         k = self.latent_dim
         mu, rest = params[:, :k], params[:, k:]
         # No argument validation: a NaN from upstream must surface as a NaN loss, which the

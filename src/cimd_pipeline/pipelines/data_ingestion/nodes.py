@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
 from cimd_pipeline.config import IngestionParams
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.readers import get_reader
-from cimd_pipeline.io.case_folder import CaseCollection
 from cimd_pipeline.plots import rater_grid
+
+if TYPE_CHECKING:  # a Kedro dataset: the node functions themselves run without Kedro
+    from cimd_pipeline.io.case_folder import CaseCollection
 
 
 def ingest_cases(ingestion: dict[str, Any]) -> Iterator[Case]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -11,11 +12,11 @@ from cimd_pipeline.config import AlignmentParams
 from cimd_pipeline.data.agreement import agreement_summary, agreement_table
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.data.alignment import align_cases, stack_cases
-from cimd_pipeline.io.case_folder import CaseCollection
+from cimd_pipeline.data.cases import Case
 from cimd_pipeline.plots import agreement_histogram
 
 
-def align_dataset(cases: CaseCollection, alignment: dict[str, Any]) -> AlignedSet:
+def align_dataset(cases: Iterable[Case], alignment: dict[str, Any]) -> AlignedSet:
     """Slice, binarise, resize, normalise and split every ingested case."""
     p = AlignmentParams.model_validate(alignment)
     aligned = align_cases(

@@ -1,0 +1,79 @@
+"""The pipeline's chain in one process, without Kedro or MLflow installed.
+
+A GPU node often has torch but not the project's Kedro/MLflow stack. The node functions import no
+Kedro, but each ``pipelines/<name>/__init__.py`` imports its Kedro ``pipeline.py``; so the node
+modules are loaded from their files here, and the chain runs the very code ``kedro run`` runs:
+ingestion -> alignment -> training -> sampling -> evaluation, on the project's merged parameters
+(``conf/base`` then ``conf/<env>``, key by key like the project's config loader).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from _kedro import ROOT
+
+
+def _node_module(pipeline: str) -> ModuleType:
+    """``cimd_pipeline.pipelines.<pipeline>.nodes`` loaded without its package's Kedro imports."""
+    import cimd_pipeline
+
+    path = Path(cimd_pipeline.__file__).parent / "pipelines" / pipeline / "nodes.py"
+    spec = importlib.util.spec_from_file_location(f"_direct_nodes_{pipeline}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_parameters(env: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """conf/base parameters, then conf/<env>'s (soft merge), then dotted ``overrides``."""
+    params: dict[str, Any] = {}
+    for folder in ["base"] + ([env] if env else []):
+        for path in sorted((ROOT / "conf" / folder).glob("parameters*.yml")):
+            params = _merge(params, yaml.safe_load(path.read_text()) or {})
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        block = params
+        for key in parents:
+            block = block.setdefault(key, {})
+        block[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    return params
+
+
+def prepare_data(params: dict[str, Any]):
+    """Ingest and align as the first two pipelines do; returns the `AlignedSet`."""
+    cases = _node_module("data_ingestion").ingest_cases(params["ingestion"])
+    return _node_module("mask_alignment").align_dataset(cases, params["alignment"])
+
+
+def run_chain(data, params: dict[str, Any], sample: bool = True) -> dict[str, Any]:
+    """Train, then (``sample``) sample and score the test split; metrics.json's content.
+
+    Checkpoints go to a throw-away folder, so runs in parallel never resume from each other.
+    """
+    training = _node_module("training")
+    with tempfile.TemporaryDirectory(prefix="cimd-direct-") as folder:
+        params = _merge(params, {"training": {"checkpoint_dir": folder, "resume": False}})
+        trained, _ = training.train_model(data, params["model"], params["training"], params["alignment"])
+    if not sample:
+        return {"train_steps": trained.info["steps"], "train_seconds": trained.info["train_seconds"]}
+    samples, _ = _node_module("sampling").sample_test_cases(trained, data, params["sampling"], params["training"])
+    summary, _, _ = _node_module("evaluation").evaluate_samples(samples, data, trained)
+    return summary
