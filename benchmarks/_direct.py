@@ -10,6 +10,7 @@ ingestion -> alignment -> training -> sampling -> evaluation, on the project's m
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from _kedro import ROOT
 
 
+@functools.cache
 def _node_module(pipeline: str) -> ModuleType:
     """``cimd_pipeline.pipelines.<pipeline>.nodes`` loaded without its package's Kedro imports."""
     import cimd_pipeline
