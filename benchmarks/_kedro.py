@@ -30,6 +30,11 @@ def kedro_run(*args: str, env: str | None = None, params: dict | None = None) ->
     return time.perf_counter() - started
 
 
+def parse_params(text: str) -> dict[str, str]:
+    """Kedro's ``--params`` syntax, ``'a.b=1,c.d=2'``, as a dict of dotted keys to raw values."""
+    return dict(item.split("=", 1) for item in filter(None, text.split(",")))
+
+
 def read_metrics() -> dict:
     return json.loads((ROOT / "data/08_reporting/metrics.json").read_text())
 

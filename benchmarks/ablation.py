@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from _kedro import ROOT, kedro_run, read_metrics, tag_latest_run  # noqa: E402
+from _kedro import ROOT, kedro_run, parse_params, read_metrics, tag_latest_run  # noqa: E402
 
 VARIANTS = ("cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob", "prob_unet", "phiseg")  # last two: baselines (issue 9)
 COLUMNS = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "train_seconds", "sampling_seconds",
@@ -121,9 +121,7 @@ def main() -> None:
                 params["training.device"] = args.device
             if args.sampling_steps:
                 params["sampling.steps"] = args.sampling_steps
-            for item in filter(None, args.extra.split(",")):
-                key, value = item.split("=", 1)
-                params[key] = value
+            params.update(parse_params(args.extra))
             wall = kedro_run("--pipelines", "training,sampling,evaluation", env=args.env, params=params)
             metrics = read_metrics()
             metrics["seconds_per_16_samples"] = seconds_per_16_samples(metrics)

@@ -31,8 +31,8 @@ from pathlib import Path
 import pandas as pd
 
 from _direct import load_parameters, prepare_data, run_chain
-from _kedro import ROOT
-from ablation import VARIANTS, plot, summarise
+from _kedro import ROOT, parse_params
+from ablation import VARIANTS, plot, seconds_per_16_samples, summarise
 
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle")
 TABLE = ("steps", *QUALITY, "train_seconds", "seconds_per_16_samples")
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parameters(args: argparse.Namespace, variant: str, seed: int, steps: int) -> dict:
-    overrides = dict(item.split("=", 1) for item in filter(None, args.params.split(",")))
+    overrides = parse_params(args.params)
     overrides.update({"model.variant": variant, "training.seed": seed, "sampling.seed": seed,
                       "training.max_steps": steps, "training.progress": False, "sampling.progress": False})
     return load_parameters(args.env, overrides)
@@ -82,7 +82,7 @@ def measure_costs(args: argparse.Namespace, path: Path) -> pd.DataFrame:
         rows.append({
             "variant": variant,
             "step_seconds": (long["train_seconds"] - short["train_seconds"]) / (second - first),
-            "seconds_per_16_samples": long["sampling_seconds"] / long["test_cases"] * 16 / long["num_samples"],
+            "seconds_per_16_samples": seconds_per_16_samples(long),
         })
         logger.info("cost of %s: %.4f s/step, %.3f s per 16 samples", variant, rows[-1]["step_seconds"],
                     rows[-1]["seconds_per_16_samples"])
