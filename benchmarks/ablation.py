@@ -1,4 +1,4 @@
-"""Ablation: the seed's Tables 1-3 on the synthetic benchmark, one MLflow run per variant and seed.
+"""Ablation: the CIMD paper's supplementary Tables 1-3 on the synthetic benchmark, one MLflow run per variant and seed.
 
 Every variant trains on the same aligned data with the same budget and seed, then samples and is
 scored by the same code. Writes ``data/08_reporting/ablation.csv`` (one row per run),
@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 from _kedro import ROOT, kedro_run, parse_params, read_metrics, tag_latest_run  # noqa: E402
 
-VARIANTS = ("cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob", "prob_unet", "phiseg")  # last two: baselines (issue 9)
+VARIANTS = ("cimd_aa", "cimd_fc", "ddpm_det", "ddpm_prob", "prob_unet", "phiseg")  # last two: baselines (docs/baselines.md)
 COLUMNS = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "train_seconds", "sampling_seconds",
            "seconds_per_16_samples")
 logger = logging.getLogger("ablation")
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def seconds_per_16_samples(metrics: dict) -> float:
-    """Seconds to draw 16 samples for one image (the seed's speed comparison), from metrics.json."""
+    """Seconds to draw 16 samples for one image (the paper's speed comparison), from metrics.json."""
     try:
         return metrics["sampling_seconds"] / metrics["test_cases"] * 16 / metrics["num_samples"]
     except (KeyError, TypeError, ZeroDivisionError):

@@ -1,7 +1,7 @@
 """How much do the AMN and ACN shape a trained CIMD model? KL, input sensitivity, gradient share.
 
-The seed credits beta·KL(AMN ‖ ACN) with making the samples match the raters' distribution. In
-CIMD the latent never enters the denoiser (samples come from the reverse chain alone, seed §D),
+The CIMD paper (Rahman et al., CVPR 2023) credits beta·KL(AMN ‖ ACN) with making the samples match the raters' distribution. In
+CIMD the latent never enters the denoiser (samples come from the reverse chain alone, supplementary D),
 so the KL is zero whenever both encoders return the same distribution whatever their inputs, and
 nothing asks the AMN to encode the rater's mask. This script measures, on training cases of the
 aligned set, for the model's own encoders and for the same UNet with encoders as initialised here

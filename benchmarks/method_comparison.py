@@ -1,4 +1,4 @@
-"""The seed's method comparison in one command: every variant, every seed, two training budgets.
+"""The CIMD paper's method comparison in one command: every variant, every seed, two training budgets.
 
 CIMD and the baselines cost very different amounts per training step, so "the same budget" has two
 readings and the table gives both:

@@ -1,6 +1,7 @@
-"""Side-by-side samples of several trained models on the same test cases (the seed's Fig. 4).
+"""Side-by-side samples of several trained models on the same test cases (the CIMD paper's
+supplementary Fig. 4).
 
-The seed compares CIMD with the Probabilistic U-Net and PHiSeg by showing, for the same images,
+The paper compares CIMD with the Probabilistic U-Net and PHiSeg by showing, for the same images,
 every rater's mask and 16 samples of each model; a sample that is empty where every rater drew a
 structure is the failure a clinician notices first, so it gets a red frame. The functions here
 pick the runs and cases, draw the samples and build the figure; ``benchmarks/compare_models.py``

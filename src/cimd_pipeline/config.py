@@ -90,7 +90,7 @@ class AmbiguityNetParams(Strict):
     filters: tuple[int, ...] = (32, 64, 128, 192)
 
 
-# --- baselines (issue 9): Probabilistic U-Net and PHiSeg --------------------------------------
+# --- baselines: Probabilistic U-Net and PHiSeg (docs/baselines.md) --------------------------------------
 class BaselineParams(Strict):
     """The ``prob_unet`` and ``phiseg`` networks; defaults are the originals' except PHiSeg's depth.
 

@@ -38,7 +38,7 @@ class ParameterValidationHook:
         logger.info("parameters validated: %s", ", ".join(sorted(params)))
 
 
-# --- MLflow run ownership (issue 8: killed runs must not stay RUNNING) ------------------------
+# --- MLflow run ownership: killed runs must not stay RUNNING (docs/reliability.md) ------------------------
 class MlflowRunOwnerHook:
     """Tag kedro-mlflow's run with its process; close runs that dead processes left RUNNING.
 

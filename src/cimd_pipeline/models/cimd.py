@@ -1,12 +1,13 @@
 """The CIMD segmenter: a conditional diffusion UNet trained with the AMN/ACN ambiguity loss.
 
-Training (Rahman et al., CVPR 2023; DESIGN §1): a target mask x_0 in [-1, 1] is noised to x_t and
-the UNet predicts its target (eps, x0 or v) and the learned variance, giving the Improved-DDPM
-hybrid loss. The AMN encodes image ⊕ x_0 (posterior), the ACN encodes image ⊕ x̂_0 predicted by the
-UNet (prior, differentiable), and beta·KL(AMN ‖ ACN) pulls the UNet's predictions towards the
-raters' distribution. Sampling runs the reverse chain with independent noise only: the encoders
-act in training (seed §D). The four variants differ only in the target mask and whether the
-encoders exist:
+Training (Rahman et al., CVPR 2023; supplementary C, Training details): a target mask x_0 in
+[-1, 1] is noised to x_t and the UNet predicts its target (eps, x0 or v) and the learned variance,
+giving the Improved-DDPM hybrid loss. The AMN encodes image ⊕ x_0 (posterior), the ACN encodes
+image ⊕ x̂_0 predicted by the UNet (prior, differentiable), and beta·KL(AMN ‖ ACN) pulls the UNet's
+predictions towards the raters' distribution. Sampling runs the reverse chain with independent
+noise only: the encoders act in training (supplementary D, Qualitative Result Analysis: the model
+"doesn't depend on latent variables from a prior model"). The four variants differ only in the
+target mask and whether the encoders exist:
 
 - ``cimd_aa`` / ``cimd_fc``: one random valid rater per image per step, diagonal / full Gaussians;
 - ``ddpm_det``: the mean of the raters' masks, no encoders;

@@ -15,8 +15,8 @@ from torch import nn
 
 from cimd_pipeline.config import ModelParams, Variant
 from cimd_pipeline.models.cimd import CIMD
-from cimd_pipeline.models.phiseg import PHiSeg  # baselines (issue 9)
-from cimd_pipeline.models.prob_unet import ProbUNet  # baselines (issue 9)
+from cimd_pipeline.models.phiseg import PHiSeg
+from cimd_pipeline.models.prob_unet import ProbUNet
 from cimd_pipeline.training.checkpoint import load_state_strict
 
 FORMAT_VERSION = 1
@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 
 def build_model(params: ModelParams, image_channels: int) -> nn.Module:
     """The network for ``params.variant`` with freshly initialised weights."""
-    if params.variant is Variant.PROB_UNET:  # baselines (issue 9)
+    if params.variant is Variant.PROB_UNET:  # baselines, docs/baselines.md
         return ProbUNet(params, image_channels)
     if params.variant is Variant.PHISEG:
         return PHiSeg(params, image_channels)
