@@ -3,6 +3,7 @@ of the vectorised/batched implementation with a plain per-pair numpy reference."
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,9 +35,14 @@ def ref_dice(a, b):
     return 1.0 if total == 0 else 2 * np.logical_and(a, b).sum() / total
 
 
-def ref_spread(masks):
+def ref_pair_variance(a, b):
+    """The public re-implementations' V: numpy's variance of the difference image."""
+    return float(np.var(a.astype(float) - b.astype(float)))
+
+
+def ref_spread(masks, pair=lambda a, b: 1 - ref_dice(a, b)):
     n = len(masks)
-    v = [1 - ref_dice(masks[i], masks[j]) for i in range(n) for j in range(i + 1, n)]
+    v = [pair(masks[i], masks[j]) for i in range(n) for j in range(i + 1, n)]
     return (max(v), min(v)) if v else (0.0, 0.0)
 
 
@@ -67,11 +73,12 @@ def ref_metrics(samples, raters):
         out["s_c"] = 1.0 if union_s.sum() == 0 else 0.0
     else:
         out["s_c"] = np.logical_and(union_s, union_y).sum() / union_y.sum()
-    (s_max, s_min), (y_max, y_min) = ref_spread(S), ref_spread(Y)
-    out["d_a"] = 1 - (abs(s_max - y_max) + abs(s_min - y_min)) / 2
-    terms = (out["s_c"], out["d_max"], out["d_a"])
-    out["ci"] = 3 * np.prod(terms) / sum(terms) if sum(terms) > 0 else 0.0
-    out["ci_hm"] = 3 / sum(1 / t for t in terms) if min(terms) > 0 else 0.0
+    for suffix, pair in (("", lambda a, b: 1 - ref_dice(a, b)), ("_var", ref_pair_variance)):
+        (s_max, s_min), (y_max, y_min) = ref_spread(S, pair), ref_spread(Y, pair)
+        out[f"d_a{suffix}"] = d_a = 1 - (abs(s_max - y_max) + abs(s_min - y_min)) / 2
+        terms = (out["s_c"], out["d_max"], d_a)
+        out[f"ci{suffix}"] = 3 * np.prod(terms) / sum(terms) if sum(terms) > 0 else 0.0
+        out[f"ci_hm{suffix}"] = 3 / sum(1 / t for t in terms) if min(terms) > 0 else 0.0
     return out
 
 
@@ -108,8 +115,12 @@ def test_hand_case_2x2_all_metrics():
     assert dice_max(S_HAND, Y_HAND) == pytest.approx(0.5)
     # S_c = |{a}| / |{a, c, d}| = 1/3 ; V_s = {1/3}, V_y = {1} -> D_a = 1 - (2/3 + 2/3)/2 = 1/3
     # CI = 3 * (1/3)(1/2)(1/3) / (1/3 + 1/2 + 1/3) = 1/7 ; harmonic = 3 / (3 + 2 + 3) = 3/8
+    # Variance reading, V = var of the 4-pixel difference image:
+    #   S1 - S2 = (0, 1, 0, 0): 1/4 - (1/4)^2 = 3/16 ; Y1 - Y2 = (1, 0, -1, -1): 3/4 - 1/16 = 11/16
+    #   D_a_var = 1 - (1/2 + 1/2)/2 = 1/2 ; CI_var = 3 (1/3)(1/2)(1/2) / (4/3) = 3/16 ; hm 3/7
     got = ci_score(S_HAND, Y_HAND)
-    want = {"ci": 1 / 7, "ci_hm": 3 / 8, "s_c": 1 / 3, "d_max": 0.5, "d_a": 1 / 3}
+    want = {"ci": 1 / 7, "ci_hm": 3 / 8, "s_c": 1 / 3, "d_max": 0.5, "d_a": 1 / 3,
+            "ci_var": 3 / 16, "ci_hm_var": 3 / 7, "d_a_var": 0.5}
     assert got == pytest.approx(want)
 
 
@@ -125,9 +136,37 @@ def test_hand_case_ci_score():
     # D_a = 1 - (|1 - 1/2| + |1/3 - 1/2|) / 2 = 1 - (1/2 + 1/6) / 2 = 2/3
     # CI = 3 * (2/3)(3/4)(2/3) / (2/3 + 3/4 + 2/3) = 1 / (25/12) = 12/25
     # harmonic = 3 / (3/2 + 4/3 + 3/2) = 9/13
+    # Variance reading (P = 4): S1-S2 (0,1,0,0) 3/16 ; S1-S3 (1,1,0,0) 1/2 - 1/4 = 1/4 ;
+    #   S2-S3 (1,0,0,0) 3/16 -> V_s max 1/4, min 3/16 ; Y1-Y2 (1,0,-1,0) 1/2 - 0 = 1/2
+    #   D_a_var = 1 - (1/4 + 5/16)/2 = 23/32 ; CI_var = (69/64) / (205/96) = 207/410
+    #   harmonic = 3 / (3/2 + 4/3 + 32/23) = 414/583
     got = ci_score(S_CI, Y_CI)
-    want = {"ci": 12 / 25, "ci_hm": 9 / 13, "s_c": 2 / 3, "d_max": 0.75, "d_a": 2 / 3}
+    want = {"ci": 12 / 25, "ci_hm": 9 / 13, "s_c": 2 / 3, "d_max": 0.75, "d_a": 2 / 3,
+            "ci_var": 207 / 410, "ci_hm_var": 414 / 583, "d_a_var": 23 / 32}
     assert got == pytest.approx(want)
+
+
+def test_ci_readings_differ_where_variance_and_dice_disagree():
+    # Variance of A - B is small when A - B is nearly constant, even for disjoint masks: a full
+    # and an empty mask differ everywhere by +1 (variance 0) but share nothing (1 - Dice = 1).
+    raters = np.array([[[1, 1, 1, 1, 0, 0, 0, 0]], [[0, 0, 0, 0, 1, 1, 1, 1]]])  # disjoint halves
+    # V = var(+1 x4, -1 x4) = 1 (its maximum); 1 - Dice = 1
+    samples = np.array([[[1, 1, 1, 1, 1, 1, 1, 1]], [[0, 0, 0, 0, 0, 0, 0, 0]]])  # full vs empty
+    # V = var(+1 x8) = 0 although the masks share nothing; 1 - Dice = 1
+    got = ci_score(samples, raters)
+    assert got["d_a"] == pytest.approx(1.0)
+    assert got["d_a_var"] == pytest.approx(0.0)  # 1 - (|0 - 1| + |0 - 1|) / 2
+
+
+def test_empty_masks_count_as_identical_in_ged_hm_iou_and_dice_max():
+    # The CCDM / PHiSeg / MoSE convention: IoU (and Dice) of two empty masks is 1.
+    samples = np.array([[[0, 0]], [[1, 0]]])  # {}, {a}
+    raters = np.array([[[0, 0]]])  # {}
+    # d_sy = (0, 1) -> 1/2 ; d_ss = [[0, 1], [1, 0]] -> 1/2 (i = j terms included) ; d_yy = 0
+    assert ged(samples, raters) == pytest.approx(2 * 0.5 - 0.5 - 0.0)
+    # L = 2: the rater twice; matching pairs {} with {} (1) and {a} with {} (0)
+    assert hm_iou(samples, raters) == pytest.approx(0.5)
+    assert dice_max(samples, raters) == pytest.approx(1.0)
 
 
 def test_hand_case_dice_max():
@@ -140,7 +179,8 @@ def test_identical_empty_sets():
     empty = np.zeros((3, 4, 4), bool)
     got = evaluate_case(empty, empty[:2])
     assert got == {"ged": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
-                   "s_c": 1.0, "d_max": 1.0, "d_a": 1.0}
+                   "ci_var": 1.0, "ci_hm_var": 1.0, "s_c": 1.0, "d_max": 1.0, "d_a": 1.0,
+                   "d_a_var": 1.0}
 
 
 def test_one_empty_side():
@@ -151,7 +191,7 @@ def test_one_empty_side():
     got = evaluate_case(samples, raters)
     assert got["ged"] == pytest.approx(2.0)
     assert got["hm_iou"] == 0.0 and got["dice_max"] == 0.0
-    assert got["s_c"] == 0.0 and got["ci"] == 0.0 and got["ci_hm"] == 0.0
+    assert got["s_c"] == 0.0 and got["ci"] == 0.0 and got["ci_hm"] == 0.0 and got["ci_var"] == 0.0
     # Raters see nothing but samples do: sensitivity is 0 by convention.
     assert ci_score(raters, samples)["s_c"] == 0.0
 
@@ -308,3 +348,11 @@ def test_mixed_devices_rejected():
     # The "meta" device stands in for a GPU: the check fires before any data is touched.
     with pytest.raises(ValueError, match="different devices"):
         ged(torch.zeros(2, 3, 3, device="meta"), torch.zeros(2, 3, 3))
+
+
+def test_metrics_doc_names_every_metric_and_readme_links_it():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "metrics.md").read_text()
+    for key in (*METRIC_KEYS, "ged16", "ged_oracle"):
+        assert f"`{key}`" in doc, key
+    assert "(docs/metrics.md)" in (root / "README.md").read_text()

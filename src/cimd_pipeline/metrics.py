@@ -13,10 +13,16 @@ Conventions, and why:
 * GED averages over all ordered pairs *including* i = j (diagonal distance 0 counts in the
   denominators), the estimator used by the Probabilistic U-Net line of work; with it identical
   sample and rater sets score exactly 0.
-* The CI score is reported twice: ``ci`` is the formula as printed in the CIMD paper,
-  3*S_c*D_max*D_a / (S_c + D_max + D_a), which is *not* a harmonic mean; ``ci_hm`` is the true
-  harmonic mean 3 / (1/S_c + 1/D_max + 1/D_a). Keeping both makes comparisons with published
-  numbers possible without silently adopting the typo.
+* The CI score is reported for both readings of its diversity-agreement term D_a. The paper
+  compares the largest and smallest "variance" V between two masks of the sample set with those
+  of the rater set. ``ci`` reads V as 1 - Dice of the pair (our first choice: it is bounded by 1
+  and scale-free, so D_a spans [0, 1]); ``ci_var`` reads V as the pixel-wise variance of
+  Y_i - Y_j over the pairs i < j, as the public re-implementations compute it (comparable with
+  published CI numbers; it shrinks with the lesion's share of the image, so D_a sits near 1).
+  Each comes with its components (``d_a``, ``d_a_var``) and in two forms: the formula as printed
+  in the paper, 3*S_c*D_max*D_a / (S_c + D_max + D_a), which is *not* a harmonic mean, and the
+  true harmonic mean 3 / (1/S_c + 1/D_max + 1/D_a) (``ci_hm``, ``ci_hm_var``). docs/metrics.md
+  lists every convention and what the well-known implementations do.
 
 Batches pad the rater sets to a common R and flag the real raters in ``rater_valid``; every
 reduction over raters is a masked mean or extremum, so padded slots never reach a score.
@@ -46,7 +52,9 @@ __all__ = [
 MaskLike = np.ndarray | torch.Tensor
 
 #: Keys of the per-case dictionaries returned by :func:`evaluate_case` / :func:`evaluate_batch`.
-METRIC_KEYS = ("ged", "hm_iou", "dice_max", "ci", "ci_hm", "s_c", "d_max", "d_a")
+METRIC_KEYS = (
+    "ged", "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_max", "d_a", "d_a_var",
+)
 
 
 class _Blocks(NamedTuple):
@@ -173,18 +181,21 @@ def pairwise_dice(a: MaskLike, b: MaskLike) -> torch.Tensor:
     return _pairwise(a, b)[1]
 
 
-def _matrices(s: torch.Tensor, y: torch.Tensor) -> tuple[_Blocks, _Blocks]:
-    """IoU and Dice blocks for s[B,N,P], y[B,R,P] from ONE batched Gram matrix.
+def _matrices(s: torch.Tensor, y: torch.Tensor) -> tuple[_Blocks, _Blocks, _Blocks]:
+    """IoU, Dice and pair-variance blocks for s[B,N,P], y[B,R,P] from ONE batched Gram matrix.
 
     Stacking samples and raters lets a single bmm produce all three intersection blocks, and the
-    Gram diagonal is each mask's size, so no separate reductions are needed.
+    Gram diagonal is each mask's size, so no separate reductions are needed. The variance of
+    A - B over the P pixels is |A xor B| / P - ((|A| - |B|) / P)^2, also a function of the Gram.
     """
     x = torch.cat([s, y], dim=1).double()
     gram = torch.bmm(x, x.transpose(1, 2))
     size = gram.diagonal(dim1=1, dim2=2)
-    n = s.shape[1]
+    n, pixels = s.shape[1], s.shape[2]
     iou, dice = _similarities(gram, size, size)
-    return tuple(_Blocks(m[:, :n, n:], m[:, :n, :n], m[:, n:, n:]) for m in (iou, dice))
+    a, b = size[:, :, None], size[:, None, :]
+    variance = (a + b - 2 * gram) / pixels - ((a - b) / pixels) ** 2
+    return tuple(_Blocks(m[:, :n, n:], m[:, :n, :n], m[:, n:, n:]) for m in (iou, dice, variance))
 
 
 # --------------------------------------------------------------------------- metrics (batched)
@@ -232,40 +243,54 @@ def _spread(dissim: torch.Tensor, pairs: torch.Tensor):
     return torch.where(has_pairs, vmax, 0.0), torch.where(has_pairs, vmin, 0.0)
 
 
-def _ci(s, y, valid, dice: _Blocks, d_max: torch.Tensor) -> dict[str, torch.Tensor]:
-    """CI score and its components per case (see module docstring for ``ci`` vs ``ci_hm``)."""
+def _agreement(v_ss: torch.Tensor, v_yy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """D_a = 1 - (|V_max(S) - V_max(Y)| + |V_min(S) - V_min(Y)|) / 2 over the pairs i < j."""
+    n, r = v_ss.shape[1], v_yy.shape[1]
+    sample_pairs = torch.ones(n, n, dtype=torch.bool, device=v_ss.device).triu(1).expand(len(v_ss), n, n)
+    rater_pairs = torch.ones(r, r, dtype=torch.bool, device=v_ss.device).triu(1)
+    rater_pairs = rater_pairs & valid[:, :, None] & valid[:, None, :]
+    s_max, s_min = _spread(v_ss, sample_pairs)
+    y_max, y_min = _spread(v_yy, rater_pairs)
+    return 1 - ((s_max - y_max).abs() + (s_min - y_min).abs()) / 2
+
+
+def _combine(s_c: torch.Tensor, d_max: torch.Tensor, d_a: torch.Tensor):
+    """The paper's printed formula and the true harmonic mean of the three CI terms."""
+    # All terms are >= 0, so a zero denominator implies a zero numerator: dividing by 1 gives 0.
+    product = s_c * d_max * d_a
+    total = s_c + d_max + d_a
+    pair_sum = s_c * d_max + d_max * d_a + d_a * s_c  # 3/(1/a+1/b+1/c) == 3abc/(ab+bc+ca)
+    return 3 * product / torch.where(total > 0, total, 1.0), 3 * product / torch.where(pair_sum > 0, pair_sum, 1.0)
+
+
+def _ci(s, y, valid, dice: _Blocks, variance: _Blocks, d_max: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CI score in both readings of D_a, and its components (see the module docstring)."""
     union_s, union_y = s.any(1), y.any(1)  # invalid raters were zeroed by _prepare_batch
     covered = (union_s & union_y).sum(1).double()
     n_y = union_y.sum(1).double()
     # Nothing to find: full sensitivity only if the samples also found nothing.
     s_c = torch.where(n_y > 0, covered / n_y.clamp_min(1), (~union_s.any(1)).double())
-
-    n, r = s.shape[1], y.shape[1]
-    sample_pairs = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1).expand(len(s), n, n)
-    rater_pairs = torch.ones(r, r, dtype=torch.bool, device=s.device).triu(1)
-    rater_pairs = rater_pairs & valid[:, :, None] & valid[:, None, :]
-    s_max, s_min = _spread(1 - dice.ss, sample_pairs)
-    y_max, y_min = _spread(1 - dice.yy, rater_pairs)
-    d_a = 1 - ((s_max - y_max).abs() + (s_min - y_min).abs()) / 2
-
-    # All terms are >= 0, so a zero denominator implies a zero numerator: dividing by 1 gives 0.
-    product = s_c * d_max * d_a
-    total = s_c + d_max + d_a
-    pair_sum = s_c * d_max + d_max * d_a + d_a * s_c  # 3/(1/a+1/b+1/c) == 3abc/(ab+bc+ca)
+    d_a = _agreement(1 - dice.ss, 1 - dice.yy, valid)
+    d_a_var = _agreement(variance.ss, variance.yy, valid)
+    ci, ci_hm = _combine(s_c, d_max, d_a)
+    ci_var, ci_hm_var = _combine(s_c, d_max, d_a_var)
     return {
-        "ci": 3 * product / torch.where(total > 0, total, 1.0),
-        "ci_hm": 3 * product / torch.where(pair_sum > 0, pair_sum, 1.0),
+        "ci": ci,
+        "ci_hm": ci_hm,
+        "ci_var": ci_var,
+        "ci_hm_var": ci_hm_var,
         "s_c": s_c,
         "d_max": d_max,
         "d_a": d_a,
+        "d_a_var": d_a_var,
     }
 
 
 def _evaluate(s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> list[dict[str, float]]:
-    iou, dice = _matrices(s, y)
+    iou, dice, variance = _matrices(s, y)
     d_max = _dice_max(dice.sy, valid)
     values = {"ged": _ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid), "dice_max": d_max}
-    values |= _ci(s, y, valid, dice, d_max)
+    values |= _ci(s, y, valid, dice, variance, d_max)
     columns = dict(zip(values, torch.stack(list(values.values())).cpu().tolist()))
     columns["hm_iou"] = _hm_iou(iou.sy, valid)
     return [{k: columns[k][b] for k in METRIC_KEYS} for b in range(len(s))]
@@ -277,29 +302,30 @@ def _evaluate(s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> list[dic
 def ged(samples: MaskLike, raters: MaskLike) -> float:
     """Squared generalised energy distance (d = 1 - IoU), samples[N,H,W] vs raters[R,H,W]."""
     s, y, valid = _prepare_case(samples, raters)
-    iou, _ = _matrices(s, y)
+    iou = _matrices(s, y)[0]
     return float(_ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid)[0])
 
 
 def hm_iou(samples: MaskLike, raters: MaskLike) -> float:
     """Hungarian-matched IoU after replicating both sets to lcm(N, R) elements."""
     s, y, valid = _prepare_case(samples, raters)
-    iou, _ = _matrices(s, y)
+    iou = _matrices(s, y)[0]
     return _hm_iou(iou.sy, valid)[0]
 
 
 def dice_max(samples: MaskLike, raters: MaskLike) -> float:
     """Mean over raters of the maximum Dice over samples."""
     s, y, valid = _prepare_case(samples, raters)
-    _, dice = _matrices(s, y)
+    dice = _matrices(s, y)[1]
     return float(_dice_max(dice.sy, valid)[0])
 
 
 def ci_score(samples: MaskLike, raters: MaskLike) -> dict[str, float]:
-    """CIMD's CI score: dict of ``ci`` (paper formula), ``ci_hm``, ``s_c``, ``d_max``, ``d_a``."""
+    """CIMD's CI score in both readings of D_a (``ci``/``ci_hm``: 1 - Dice; ``ci_var``/``ci_hm_var``:
+    pixel-wise variance) with the components ``s_c``, ``d_max``, ``d_a``, ``d_a_var``."""
     s, y, valid = _prepare_case(samples, raters)
-    _, dice = _matrices(s, y)
-    parts = _ci(s, y, valid, dice, _dice_max(dice.sy, valid))
+    _, dice, variance = _matrices(s, y)
+    parts = _ci(s, y, valid, dice, variance, _dice_max(dice.sy, valid))
     return {k: float(v[0]) for k, v in parts.items()}
 
 

@@ -1,0 +1,68 @@
+"""Scoring a sample set: per-case rows, aggregates, and GED16 beside GED for large ensembles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cimd_pipeline.data.aligned import AlignedSet
+from cimd_pipeline.ensembles import SampleSet
+from cimd_pipeline.metrics import ci_score, ged
+from cimd_pipeline.models.trained import TrainedModel
+from cimd_pipeline.pipelines.evaluation.nodes import evaluate_samples
+from cimd_pipeline.scoring import GED16_FROM
+
+
+def _data(rng: np.random.Generator, cases: int = 3) -> AlignedSet:
+    masks = (rng.random((cases, 3, 6, 6)) < 0.3).astype(np.uint8)
+    valid = np.array([[True, True, True], [True, False, True], [True, True, False]])[:cases]
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(cases)], "group_id": "g", "split": "test"})
+    return AlignedSet(rng.random((cases, 1, 6, 6), dtype=np.float32), masks, valid, table)
+
+
+def _samples(rng: np.random.Generator, data: AlignedSet, n: int) -> SampleSet:
+    # Later samples are denser than the first 16, so GED over all and over the first 16 differ.
+    density = np.where(np.arange(n) < 16, 0.3, 0.7)[None, :, None, None]
+    binary = (rng.random((len(data), n, 6, 6)) < density).astype(np.uint8)
+    info = {"method": "ddim", "steps": 5, "seconds": 1.0}
+    return SampleSet(data.cases["case_id"].to_numpy(), binary, binary.astype(np.float16), info)
+
+
+def _model() -> TrainedModel:
+    return TrainedModel({"variant": "cimd_aa"}, 1, (6, 6), {}, {}, {"steps": 3, "train_seconds": 1.0})
+
+
+def _raters(data: AlignedSet, row: int) -> np.ndarray:
+    return data.masks[row][data.rater_valid[row]]
+
+
+def test_evaluation_reports_ged16_of_the_first_16_samples_from_100_samples():
+    rng = np.random.default_rng(0)
+    data = _data(rng)
+    samples = _samples(rng, data, GED16_FROM)
+    summary, per_case, metrics = evaluate_samples(samples, data, _model())
+    want = [ged(samples.binary[i, :16], _raters(data, i)) for i in range(len(data))]
+    assert per_case["ged16"].to_numpy() == pytest.approx(want)
+    assert summary["ged16"] == pytest.approx(np.mean(want))
+    assert metrics["ged16"]["value"] == pytest.approx(np.mean(want))
+    full = [ged(samples.binary[i], _raters(data, i)) for i in range(len(data))]
+    assert summary["ged"] == pytest.approx(np.mean(full)) and abs(summary["ged"] - summary["ged16"]) > 0.05
+
+
+def test_no_ged16_below_100_samples():
+    rng = np.random.default_rng(1)
+    data = _data(rng)
+    summary, per_case, metrics = evaluate_samples(_samples(rng, data, GED16_FROM - 1), data, _model())
+    assert "ged16" not in summary and "ged16" not in per_case and "ged16" not in metrics
+
+
+def test_both_ci_readings_reach_the_summary_and_mlflow():
+    rng = np.random.default_rng(2)
+    data = _data(rng)
+    samples = _samples(rng, data, 4)
+    summary, _, metrics = evaluate_samples(samples, data, _model())
+    scores = [ci_score(samples.binary[i], _raters(data, i)) for i in range(len(data))]
+    for key in ("ci", "ci_hm", "ci_var", "ci_hm_var", "d_a", "d_a_var"):
+        want = np.mean([s[key] for s in scores])
+        assert summary[key] == pytest.approx(want) and metrics[key]["value"] == pytest.approx(want), key
