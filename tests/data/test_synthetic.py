@@ -41,14 +41,36 @@ def test_rater_model_sanity_empty_share_and_disagreement():
     assert families == {"nodule", "bone", "lesions"}
 
 
-def test_rater_model_draws_fresh_masks_matching_the_case_distribution():
-    cfg = SyntheticConfig(seed=5)
-    case, model = make_case(cfg, 2)
-    fresh = model.draw(200, np.random.default_rng(0))
-    assert fresh.shape == (200, 64, 64) and fresh.dtype == np.uint8
-    # Fresh draws cover the raters' foreground: every pixel any rater drew is drawn by some sample.
-    union_raters = case.masks[case.rater_valid].any(0)
-    assert (fresh.any(0) | ~union_raters).all()
+def marginal(model) -> np.ndarray:
+    """P(pixel drawn) under the rater model, integrated over the threshold in closed form per tau.
+
+    A rater keeps component k with probability inclusion[k] and draws pixel p if a kept component
+    exceeds tau there, tau ~ U(tau_low, tau_high): P(p | tau) = 1 - prod_k (1 - inclusion_k [c_k(p) > tau]).
+    """
+    edges = np.linspace(model.tau_low, model.tau_high, 401)
+    taus = ((edges[1:] + edges[:-1]) / 2)[:, None, None, None]  # midpoint rule over 400 bins
+    above = model.components[None] > taus  # (taus, K, H, W)
+    per_tau = 1.0 - np.prod(1.0 - model.inclusion[None, :, None, None] * above, axis=1)
+    return per_tau.mean(0)
+
+
+@pytest.mark.parametrize("index", [0, 2, 4])  # nodule, lesions, bone for seed 5
+def test_rater_model_draws_fresh_masks_matching_the_case_distribution(index):
+    case, model = make_case(SyntheticConfig(seed=5), index)
+    fresh = model.draw(600, np.random.default_rng(0))
+    assert fresh.shape == (600, 64, 64) and fresh.dtype == np.uint8
+    # Per-pixel frequencies match the model's marginal (binomial sd <= 0.02 at 600 draws).
+    expected = marginal(model)
+    assert np.abs(fresh.mean(0) - expected).max() < 0.08
+    # Fresh draws disagree where raters can: not one mask repeated, nor the union of the raters'.
+    uncertain = (expected > 0.1) & (expected < 0.9)
+    assert uncertain.sum() > 10
+    assert len({m.tobytes() for m in fresh}) > 100
+    union = fresh.any(0)
+    assert fresh.sum((1, 2)).mean() < 0.9 * union.sum()
+    # The case's own raters come from the same distribution: each drew only where the model can.
+    raters = case.masks[case.rater_valid]
+    assert not raters[:, expected == 0].any()
 
 
 def test_groups_hold_several_cases():

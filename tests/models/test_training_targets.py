@@ -1,0 +1,150 @@
+"""What the CIMD loss feeds where: the drawn rater, the diffusion target, the AMN and the ACN.
+
+Rahman et al. (CVPR 2023) draw one rater uniformly at random per image per step; the same mask is
+the diffusion target and the AMN's input, and the ACN sees the network's clean-mask estimate
+(or, with ``acn_input: eps`` as in the public code, the noise implied by it). These tests look at
+the tensors each part receives, so a rater choice fixed to one rater, a mask shifted between
+images or a wrong ACN view fails here even when every loss stays finite.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from cimd_pipeline.config import ModelParams
+from cimd_pipeline.models.cimd import CIMD, pick_raters
+from cimd_pipeline.models.prob_unet import chosen_rater
+
+TINY_UNET = {"channels": [16, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+             "num_head_channels": 16, "norm_num_groups": 16}
+
+# Valid raters per image: all four, the first two, raters 1 and 3, rater 2 alone.
+VALID = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+
+
+def tiny(prediction_type="x0", **nets) -> ModelParams:
+    return ModelParams.model_validate(
+        {"variant": "cimd_aa", "prediction_type": prediction_type, "unet": TINY_UNET,
+         "ambiguity_nets": {"filters": [8, 8, 8, 8], **nets}}
+    )
+
+
+def distinct_masks(b=4, r=4, size=16) -> torch.Tensor:
+    """Masks (B, R, H, W) in {0, 1} that differ between every pair of (image, rater)."""
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(b, r, size, size, generator=g) > 0.5).to(torch.uint8)
+    flat = masks.flatten(2)
+    assert len({bytes(m.numpy()) for m in flat.flatten(0, 1)}) == b * r
+    return masks
+
+
+def test_rater_choice_is_uniform_over_the_valid_raters_of_each_image():
+    draws = 4000
+    picks = pick_raters(VALID.repeat(draws, 1), torch.Generator().manual_seed(0)).view(draws, len(VALID))
+    for image, valid in enumerate(VALID):
+        counts = torch.bincount(picks[:, image], minlength=4).double() / draws
+        expected = valid.double() / valid.sum()
+        assert counts[~valid].sum() == 0, f"image {image} drew an invalid rater"
+        # binomial sd <= 0.008 at 4000 draws: 0.04 is five of them
+        torch.testing.assert_close(counts, expected, atol=0.04, rtol=0)
+
+
+def test_rater_choice_is_independent_between_images():
+    valid = torch.ones(6, 4, dtype=torch.bool)
+    draws = 2000
+    picks = pick_raters(valid.repeat(draws, 1), torch.Generator().manual_seed(1)).view(draws, 6)
+    same = (picks[:, 0] == picks[:, 1]).double().mean()
+    assert abs(same - 0.25) < 0.04  # independent uniform choices agree 1/R of the time
+    assert (picks != picks[:, :1]).any(1).double().mean() > 0.9
+
+
+def test_rater_choice_follows_the_generator():
+    valid = torch.ones(64, 4, dtype=torch.bool)
+    a = pick_raters(valid, torch.Generator().manual_seed(3))
+    assert torch.equal(a, pick_raters(valid, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, pick_raters(valid, torch.Generator().manual_seed(4)))
+
+
+def test_probabilistic_baselines_train_on_the_drawn_rater_of_each_image():
+    masks = distinct_masks()
+    seen = {i: set() for i in range(len(VALID))}
+    for seed in range(40):
+        target = chosen_rater(masks, VALID, torch.Generator().manual_seed(seed))
+        index = pick_raters(VALID, torch.Generator().manual_seed(seed))
+        for i, r in enumerate(index.tolist()):
+            assert torch.equal(target[i, 0], masks[i, r].float())
+            seen[i].add(r)
+    assert seen == {i: set(torch.nonzero(v).flatten().tolist()) for i, v in enumerate(VALID)}
+
+
+class Recorder:
+    """Capture what ``CIMD.losses`` hands to the diffusion loss, the denoiser and both encoders."""
+
+    def __init__(self, net: CIMD, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+        original = net.diffusion.training_losses
+
+        def training_losses(model_out, x0, x_t, t, noise, vlb_weight=0.001):
+            self.seen.update(x0=x0.detach().clone(), x_t=x_t.detach().clone(), t=t.clone())
+            return original(model_out, x0, x_t, t, noise, vlb_weight)
+
+        monkeypatch.setattr(net.diffusion, "training_losses", training_losses)
+        net.denoiser.register_forward_hook(lambda m, a, out: self.seen.update(out=out.detach().float().clone()))
+        net.amn.register_forward_pre_hook(lambda m, a: self.seen.update(amn=a[0].detach().clone()))
+        net.acn.register_forward_pre_hook(lambda m, a: self.seen.update(acn=a[0].detach().clone()))
+
+
+def test_the_drawn_rater_feeds_both_the_diffusion_loss_and_the_amn(monkeypatch):
+    torch.manual_seed(0)
+    net = CIMD(tiny(), image_channels=2)
+    rec = Recorder(net, monkeypatch)
+    masks = distinct_masks()
+    image = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    seen = {i: set() for i in range(len(VALID))}
+    for seed in range(24):
+        net.losses(image, masks, VALID, torch.Generator().manual_seed(seed))
+        index = pick_raters(VALID, torch.Generator().manual_seed(seed))  # the first draw of the stream
+        x0 = rec.seen["x0"]
+        for i, r in enumerate(index.tolist()):
+            torch.testing.assert_close(x0[i, 0], masks[i, r].float() * 2 - 1, atol=0, rtol=0)
+            seen[i].add(r)
+        torch.testing.assert_close(rec.seen["amn"], torch.cat([image, x0], 1), atol=0, rtol=0)
+        torch.testing.assert_close(rec.seen["acn"][:, :2], image, atol=0, rtol=0)
+    assert seen == {i: set(torch.nonzero(v).flatten().tolist()) for i, v in enumerate(VALID)}
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_acn_sees_the_clean_mask_estimate_by_default(monkeypatch, prediction_type):
+    torch.manual_seed(0)
+    net = CIMD(tiny(prediction_type), image_channels=2)
+    rec = Recorder(net, monkeypatch)
+    masks = distinct_masks()
+    image = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    net.losses(image, masks, VALID, torch.Generator().manual_seed(5))
+    x_t, t, prediction = rec.seen["x_t"].double(), rec.seen["t"], rec.seen["out"][:, :1].double()
+    abar = torch.as_tensor(np.cumprod(1.0 - net.diffusion.betas))[t][:, None, None, None]
+    expected = {
+        "x0": prediction,
+        "eps": (x_t - (1 - abar).sqrt() * prediction) / abar.sqrt(),
+        "v": abar.sqrt() * x_t - (1 - abar).sqrt() * prediction,
+    }[prediction_type]
+    torch.testing.assert_close(rec.seen["acn"][:, 2:].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0"])
+def test_acn_eps_view_is_the_noise_implied_by_the_prediction(monkeypatch, prediction_type):
+    torch.manual_seed(0)
+    net = CIMD(tiny(prediction_type, acn_input="eps"), image_channels=2)
+    rec = Recorder(net, monkeypatch)
+    masks = distinct_masks()
+    image = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    net.losses(image, masks, VALID, torch.Generator().manual_seed(5))
+    x_t, t, prediction = rec.seen["x_t"].double(), rec.seen["t"], rec.seen["out"][:, :1].double()
+    abar = torch.as_tensor(np.cumprod(1.0 - net.diffusion.betas))[t][:, None, None, None]
+    if prediction_type == "eps":
+        expected = prediction  # the network's own noise estimate
+    else:
+        expected = (x_t - abar.sqrt() * prediction) / (1 - abar).sqrt()
+    acn_view = rec.seen["acn"][:, 2:].double()
+    torch.testing.assert_close(acn_view, expected, atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(acn_view, x_t, atol=1e-2)
