@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cimd_pipeline.data.alignment import Normalisation, ResizeMode
-from cimd_pipeline.diffusion import PredictionType
+from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule, PredictionType
 from cimd_pipeline.errors import ConfigError
 
 
@@ -58,6 +58,7 @@ class AlignmentParams(Strict):
 class Variant(str, Enum):
     CIMD_AA = "cimd_aa"
     CIMD_FC = "cimd_fc"
+    CIMD_LATENT = "cimd_latent"  # our extension: the latent conditions the denoiser (docs/ambiguity_nets.md)
     DDPM_DET = "ddpm_det"
     DDPM_PROB = "ddpm_prob"
     PROB_UNET = "prob_unet"  # baseline: Kohl et al. 2018 (models/prob_unet.py)
@@ -65,7 +66,7 @@ class Variant(str, Enum):
 
     @property
     def uses_ambiguity_nets(self) -> bool:
-        return self in (Variant.CIMD_AA, Variant.CIMD_FC)
+        return self in (Variant.CIMD_AA, Variant.CIMD_FC, Variant.CIMD_LATENT)
 
 
 class UNetParams(Strict):
@@ -149,9 +150,25 @@ class ModelParams(Strict):
     vlb_weight: float = Field(0.001, ge=0)
     kl_weight: float = Field(0.001, ge=0)
     latent_dim: int = Field(6, ge=1)
+    # the diffusion recipe (docs/quality.md); the first value of each is plain DDPM
+    noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
+    input_scale: float = Field(1.0, gt=0, le=1)
+    loss_weighting: LossWeighting = LossWeighting.SIMPLE
+    min_snr_gamma: float = Field(5.0, gt=0)
+    output_activation: Literal["none", "tanh"] = "none"
+    self_condition: bool = False
     unet: UNetParams = UNetParams()
     ambiguity_nets: AmbiguityNetParams = AmbiguityNetParams()
     baselines: BaselineParams = BaselineParams()  # prob_unet / phiseg only
+
+    @model_validator(mode="after")
+    def _activation_needs_x0(self) -> "ModelParams":
+        if self.output_activation != "none" and self.prediction_type is not PredictionType.X0:
+            raise ValueError(
+                f"output_activation={self.output_activation!r} bounds an x0 prediction; "
+                f"prediction_type={self.prediction_type.value!r} predicts an unbounded target"
+            )
+        return self
 
 
 class TrainingParams(Strict):

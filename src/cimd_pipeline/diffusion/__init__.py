@@ -14,24 +14,34 @@ from cimd_pipeline.diffusion.respace import respaced_diffusion, space_timesteps
 from cimd_pipeline.diffusion.samplers import ModelFn, ddim_step, ddpm_step, sample
 from cimd_pipeline.diffusion.schedule import (
     GaussianDiffusion,
+    LossWeighting,
+    NoiseSchedule,
     PredictionType,
+    cosine_betas,
     extract,
     linear_betas,
+    make_betas,
+    x0_loss_weights,
 )
 
 __all__ = [
     "GaussianDiffusion",
+    "LossWeighting",
+    "NoiseSchedule",
     "ModelFn",
     "PredictionType",
     "approx_standard_normal_cdf",
+    "cosine_betas",
     "ddim_step",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
     "extract",
     "linear_betas",
+    "make_betas",
     "mean_flat",
     "normal_kl",
     "respaced_diffusion",
     "sample",
     "space_timesteps",
+    "x0_loss_weights",
 ]

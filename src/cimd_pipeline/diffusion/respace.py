@@ -56,6 +56,7 @@ def respaced_diffusion(
     use_timesteps: Iterable[int],
     prediction_type: PredictionType | str = PredictionType.EPS,
     learn_sigma: bool = True,
+    input_scale: float = 1.0,
 ) -> GaussianDiffusion:
     """Diffusion over the kept timesteps of `base_betas`, with matching marginals.
 
@@ -64,6 +65,7 @@ def respaced_diffusion(
         use_timesteps: original timesteps to keep (any order, duplicates ignored).
         prediction_type: the network's regression target.
         learn_sigma: whether the network outputs variance values.
+        input_scale: b of the input scaling (the data range [-b, b]).
 
     Returns:
         A `GaussianDiffusion` with len(use_timesteps) steps whose `timestep_map` holds the kept
@@ -85,4 +87,5 @@ def respaced_diffusion(
         prediction_type=prediction_type,
         learn_sigma=learn_sigma,
         timestep_map=np.array(kept, dtype=np.int64),
+        input_scale=input_scale,
     )

@@ -25,6 +25,27 @@ from cimd_pipeline.diffusion.losses import (
 )
 
 
+class NoiseSchedule(str, enum.Enum):
+    """How the betas rise: DDPM's linear ramp or the cosine alpha-bar of Nichol & Dhariwal (2021)."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class LossWeighting(str, enum.Enum):
+    """How the regression loss weighs timesteps (see `x0_loss_weights`).
+
+    ``simple`` is L_simple: the unweighted MSE on the network's own target (eps, x0 or v).
+    ``snr_plus_one`` and ``min_snr`` weigh the MSE of the clean-mask estimate x0_hat by
+    1 + SNR(t) (Christensen et al. 2025's released configuration; equal to the v-MSE) and by
+    min(SNR(t), gamma) (Min-SNR, Hang et al. 2023), whatever the network predicts.
+    """
+
+    SIMPLE = "simple"
+    SNR_PLUS_ONE = "snr_plus_one"
+    MIN_SNR = "min_snr"
+
+
 class PredictionType(str, enum.Enum):
     """What the network regresses: the noise, the clean mask, or the velocity."""
 
@@ -43,6 +64,53 @@ def linear_betas(num_timesteps: int = 1000, start: float = 1e-4, end: float = 0.
         raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * start, scale * end, num_timesteps, dtype=np.float64)
+
+
+#: Offset s of the cosine schedule, so that beta_0 is not vanishingly small (Nichol & Dhariwal).
+_COSINE_OFFSET = 0.008
+#: Largest cosine beta: the schedule's last steps would otherwise reach beta = 1 (alpha-bar = 0).
+_COSINE_MAX_BETA = 0.999
+
+
+def cosine_betas(num_timesteps: int = 1000) -> np.ndarray:
+    """Cosine schedule of Improved DDPM as float64 (T,), betas clipped at 0.999.
+
+    alpha-bar(t) = f(t) / f(0) with f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2, s = 0.008, and
+    beta_t = 1 - alpha-bar(t + 1) / alpha-bar(t) (Nichol & Dhariwal 2021, eq. 17).
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + _COSINE_OFFSET) / (1.0 + _COSINE_OFFSET) * math.pi / 2.0) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], _COSINE_MAX_BETA)
+
+
+def make_betas(
+    schedule: NoiseSchedule | str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
+    """The (T,) betas of ``schedule``: the one function training, sampling and checks all use.
+
+    ``beta_start``/``beta_end`` shape the linear ramp only; the cosine schedule has no free ends.
+    """
+    if NoiseSchedule(schedule) is NoiseSchedule.COSINE:
+        return cosine_betas(num_timesteps)
+    return linear_betas(num_timesteps, beta_start, beta_end)
+
+
+def x0_loss_weights(weighting: LossWeighting | str, snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the clean-mask MSE for ``snr_plus_one`` and ``min_snr``, shape of ``snr``.
+
+    With x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and SNR = abar / (1 - abar), the MSEs of the three
+    targets are multiples of the x0 MSE: |eps_hat - eps|^2 = SNR |x0_hat - x0|^2 and
+    |v_hat - v|^2 = (1 + SNR) |x0_hat - x0|^2. So ``snr_plus_one`` is the v-loss and ``min_snr``
+    the Min-SNR-gamma loss, for whichever target the network predicts.
+    """
+    weighting = LossWeighting(weighting)
+    if weighting is LossWeighting.SNR_PLUS_ONE:
+        return 1.0 + snr
+    if weighting is LossWeighting.MIN_SNR:
+        return snr.clamp(max=gamma)
+    raise ValueError(f"{weighting.value!r} weighs the network's own target, not x0_hat: no x0 weights")
 
 
 def extract(table: np.ndarray | torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
@@ -69,6 +137,11 @@ class GaussianDiffusion:
             network must be fed `timestep_map[t]`, never `t`. Identity unless respaced.
         prediction_type: the network's regression target.
         learn_sigma: whether the network also outputs the variance interpolation value.
+        input_scale: b of the input scaling (Chen 2023, "On the importance of noise scheduling"):
+            the process runs on b * x0, so clean data lie in [-b, b]; x0 estimates are clipped
+            there and the losses are reported in mask units (divided by b). 1 is plain DDPM.
+        loss_weighting: `LossWeighting` of the regression term of `training_losses`.
+        min_snr_gamma: gamma of ``min_snr``.
     """
 
     def __init__(
@@ -77,7 +150,17 @@ class GaussianDiffusion:
         prediction_type: PredictionType | str = PredictionType.EPS,
         learn_sigma: bool = True,
         timestep_map: np.ndarray | None = None,
+        input_scale: float = 1.0,
+        loss_weighting: LossWeighting | str = LossWeighting.SIMPLE,
+        min_snr_gamma: float = 5.0,
     ) -> None:
+        if not input_scale > 0:
+            raise ValueError(f"input_scale must be positive, got {input_scale}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        self.input_scale = float(input_scale)
+        self.loss_weighting = LossWeighting(loss_weighting)
+        self.min_snr_gamma = float(min_snr_gamma)
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
             raise ValueError(f"betas must be 1-D with at least 2 entries, got {betas.shape}")
@@ -103,6 +186,7 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         one_minus_ac = 1.0 - self.alphas_cumprod
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / one_minus_ac
@@ -218,13 +302,13 @@ class GaussianDiffusion:
 
         Returns:
             dict with `mean`, `variance`, `log_variance`, `pred_x0`, each (N, C, H, W);
-            `pred_x0` is clamped to [-1, 1] when `clip_denoised` (sampling only).
+            `pred_x0` is clamped to [-b, b] (b = `input_scale`) when `clip_denoised` (sampling only).
         """
         prediction, var_values = self.split_output(model_out)
         log_variance = self.model_log_variance(var_values, t, x_t.shape)
         pred_x0 = self.predict_x0(x_t, t, prediction)
         if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            pred_x0 = pred_x0.clamp(-self.input_scale, self.input_scale)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {
             "mean": mean,
@@ -259,6 +343,11 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Hybrid loss L_simple + lambda * L_vlb of Improved DDPM, per sample.
 
+        With ``loss_weighting="simple"`` the regression term is the MSE on the network's own target;
+        an x0 target is compared in mask units (divided by `input_scale`), so b = 1 is today's
+        L_simple for every target. Otherwise it is `x0_loss_weights` times the MSE of the
+        clean-mask estimate in mask units (``mse`` reports that weighted term).
+
         L_vlb = sum_t L_t is estimated as T * L_t for the sampled t, so
         `loss = mse + vlb_weight * num_timesteps * vlb`; with lambda = 0.001 and T = 1000 this is
         exactly improved-diffusion's RESCALED_MSE (vb * T / 1000 added to the MSE). The
@@ -267,7 +356,7 @@ class GaussianDiffusion:
 
         Args:
             model_out: (N, 2C, H, W) if `learn_sigma`, else (N, C, H, W).
-            x0: (N, C, H, W) clean masks in [-1, 1].
+            x0: (N, C, H, W) clean data, masks in [-1, 1] times `input_scale`.
             x_t: (N, C, H, W) `q_sample(x0, t, noise)`.
             t: (N,) int64 timesteps.
             noise: (N, C, H, W) noise used for x_t.
@@ -278,8 +367,15 @@ class GaussianDiffusion:
             unclipped (N, C, H, W) `pred_x0`.
         """
         prediction, var_values = self.split_output(model_out)
-        mse = mean_flat((self.target(x0, noise, t) - prediction) ** 2)
         pred_x0 = self.predict_x0(x_t, t, prediction)
+        if self.loss_weighting is LossWeighting.SIMPLE:
+            mse = mean_flat((self.target(x0, noise, t) - prediction) ** 2)
+            if self.prediction_type is PredictionType.X0:
+                mse = mse / self.input_scale**2
+        else:
+            snr = torch.as_tensor(self.snr, device=t.device)[t].to(torch.float32)
+            x0_error = mean_flat((pred_x0 - x0) ** 2) / self.input_scale**2
+            mse = x0_loss_weights(self.loss_weighting, snr, self.min_snr_gamma) * x0_error
         if var_values is None:
             vlb = self.vlb_terms(prediction.detach(), x0, x_t, t)
             loss = mse

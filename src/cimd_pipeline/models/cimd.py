@@ -12,6 +12,13 @@ target mask and whether the encoders exist:
 - ``cimd_aa`` / ``cimd_fc``: one random valid rater per image per step, diagonal / full Gaussians;
 - ``ddpm_det``: the mean of the raters' masks, no encoders;
 - ``ddpm_prob``: one random valid rater per image per step, no encoders.
+
+The diffusion recipe (``model.noise_schedule``, ``input_scale``, ``loss_weighting``,
+``output_activation``, ``self_condition``; docs/quality.md) applies to every variant. With input
+scale b the process runs on b·x_0; an x0-predicting network still outputs masks in [-1, 1] (through
+tanh if asked), which are multiplied by b before the diffusion maths, and samples are divided by b.
+Self-conditioning (Chen et al. 2023, Analog Bits) feeds the previous x̂_0 (mask units) as an extra
+denoiser channel: zeros, or in half the training steps the estimate of a first no-grad pass.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from torch import Tensor, nn
 from cimd_pipeline.config import ModelParams, SamplingParams, Variant
 from cimd_pipeline.diffusion import (
     GaussianDiffusion,
-    linear_betas,
+    PredictionType,
+    make_betas,
     respaced_diffusion,
     sample,
     space_timesteps,
@@ -64,11 +72,17 @@ class CIMD(nn.Module):
         self.params = params
         self.variant = params.variant
         unet = UNetConfig(**params.unet.model_dump())
-        self.denoiser = ConditionalDenoiser(unet, image_channels, mask_channels=1, learn_sigma=True)
+        extra = 1 if params.self_condition else 0
+        self.denoiser = ConditionalDenoiser(
+            unet, image_channels, mask_channels=1, learn_sigma=True, extra_channels=extra
+        )
         self.diffusion = GaussianDiffusion(
-            linear_betas(params.num_timesteps, params.beta_start, params.beta_end),
+            make_betas(params.noise_schedule, params.num_timesteps, params.beta_start, params.beta_end),
             prediction_type=params.prediction_type,
             learn_sigma=True,
+            input_scale=params.input_scale,
+            loss_weighting=params.loss_weighting,
+            min_snr_gamma=params.min_snr_gamma,
         )
         self.amn: GaussianEncoder | None = None
         self.acn: GaussianEncoder | None = None
@@ -91,11 +105,13 @@ class CIMD(nn.Module):
         Arguments as in `cimd_pipeline.models.contract.Segmenter.losses`.
         """
         x0 = target_masks(masks, valid, self.variant, generator)
+        scaled = x0 * self.params.input_scale
         t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        out = self.denoiser(x_t, image, t)
-        terms = self.diffusion.training_losses(out.float(), x0, x_t, t, noise, self.params.vlb_weight)
+        x_t = self.diffusion.q_sample(scaled, t, noise)
+        condition = self._training_condition(x_t, image, t, generator)
+        out = self.model_output(x_t, image, t, condition)
+        terms = self.diffusion.training_losses(out, scaled, x_t, t, noise, self.params.vlb_weight)
         loss = terms["loss"]
         kl = torch.zeros_like(loss)
         if self.amn is not None and self.acn is not None:
@@ -103,12 +119,46 @@ class CIMD(nn.Module):
             if self.params.ambiguity_nets.acn_input == "eps":
                 acn_view = self.diffusion.predict_eps_from_x0(x_t, t, pred_x0)
             else:
-                acn_view = pred_x0
+                acn_view = pred_x0 / self.params.input_scale
             posterior = self.amn(torch.cat([image, x0], dim=1))
             prior = self.acn(torch.cat([image, acn_view], dim=1))
             kl = kl_divergence(posterior, prior)
             loss = loss + self.params.kl_weight * kl
         return {"loss": loss.mean(), "mse": terms["mse"].mean(), "vlb": terms["vlb"].mean(), "kl": kl.mean()}
+
+    def model_output(self, x_t: Tensor, image: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
+        """Denoiser output (N, 2, H, W) in the diffusion's units: an x0 prediction goes through the
+        output activation and is scaled by b; ``condition`` is the self-conditioning channel."""
+        out = self.denoiser(x_t, image, t, condition).float()
+        p = self.params
+        if p.prediction_type is PredictionType.X0 and (p.output_activation == "tanh" or p.input_scale != 1.0):
+            prediction, var_values = out[:, :1], out[:, 1:]
+            if p.output_activation == "tanh":
+                prediction = torch.tanh(prediction)
+            out = torch.cat([prediction * p.input_scale, var_values], dim=1)
+        return out
+
+    def x0_estimate(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Clipped clean-mask estimate in mask units [-1, 1] from ``model_output`` at ORIGINAL ``t``.
+
+        Respacing keeps alpha-bar at the kept steps, so the full schedule's tables serve any
+        respaced sampler that passes original timesteps.
+        """
+        prediction, _ = self.diffusion.split_output(out)
+        b = self.params.input_scale
+        return self.diffusion.predict_x0(x_t, t, prediction).clamp(-b, b) / b
+
+    def _training_condition(
+        self, x_t: Tensor, image: Tensor, t: Tensor, generator: torch.Generator | None
+    ) -> Tensor | None:
+        """Self-conditioning input: zeros, or (half the steps) a first pass's detached x̂_0."""
+        if not self.params.self_condition:
+            return None
+        condition = torch.zeros_like(x_t)
+        if torch.rand((1,), generator=generator, device=x_t.device).item() < 0.5:
+            with torch.no_grad():
+                condition = self.x0_estimate(self.model_output(x_t, image, t, condition), x_t, t)
+        return condition
 
     def sampler_diffusion(self, steps: int) -> GaussianDiffusion:
         """The schedule respaced to ``steps`` (Improved-DDPM respacing; the full one for T steps)."""
@@ -119,6 +169,7 @@ class CIMD(nn.Module):
             space_timesteps(self.diffusion.num_timesteps, steps),
             prediction_type=self.diffusion.prediction_type,
             learn_sigma=True,
+            input_scale=self.diffusion.input_scale,
         )
 
     @torch.no_grad()
@@ -138,12 +189,24 @@ class CIMD(nn.Module):
             generator=generator,
             device=image.device,
         )
-        return x
+        return x / self.diffusion.input_scale
 
     def model_fn(self, image: Tensor):
-        """The sampler's ``(x_t, t_original) -> model_out`` closure for a fixed image batch."""
+        """The sampler's ``(x_t, t_original) -> model_out`` closure for a fixed image batch.
+
+        With self-conditioning the closure keeps the previous step's x̂_0 (zeros before the first
+        step), so one closure serves exactly one reverse chain.
+        """
+        previous: Tensor | None = None
 
         def call(x_t: Tensor, t: Tensor) -> Tensor:
-            return self.denoiser(x_t, image, t).float()
+            nonlocal previous
+            condition = None
+            if self.params.self_condition:
+                condition = torch.zeros_like(x_t) if previous is None else previous
+            out = self.model_output(x_t, image, t, condition)
+            if self.params.self_condition:
+                previous = self.x0_estimate(out, x_t, t)
+            return out
 
         return call

@@ -96,9 +96,13 @@ def check_image_size(cfg: UNetConfig, height: int, width: int) -> None:
 
 
 def build_denoiser(
-    cfg: UNetConfig, image_channels: int, mask_channels: int = 1, learn_sigma: bool = True
+    cfg: UNetConfig,
+    image_channels: int,
+    mask_channels: int = 1,
+    learn_sigma: bool = True,
+    extra_channels: int = 0,
 ) -> nn.Module:
-    """Build the MONAI U-Net taking ``mask_channels + image_channels`` input channels.
+    """Build the MONAI U-Net taking ``mask_channels + image_channels + extra_channels`` inputs.
 
     It is called as ``net(x=torch.cat([x_t, image], 1), timesteps=t)`` and returns
     ``mask_channels * (2 if learn_sigma else 1)`` channels at the input resolution.
@@ -108,9 +112,11 @@ def build_denoiser(
             f"image_channels and mask_channels must be >= 1, got {image_channels} and "
             f"{mask_channels}"
         )
+    if extra_channels < 0:
+        raise ValueError(f"extra_channels must be >= 0, got {extra_channels}")
     return DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=mask_channels + image_channels,
+        in_channels=mask_channels + image_channels + extra_channels,
         out_channels=mask_channels * (2 if learn_sigma else 1),
         channels=cfg.channels,
         attention_levels=cfg.attention_levels,
@@ -128,6 +134,8 @@ class ConditionalDenoiser(nn.Module):
         image_channels: channels ``C`` of the conditioning image.
         mask_channels: channels ``M`` of the (noisy) mask.
         learn_sigma: predict the learned-variance channels as well (output ``2 * M``).
+        extra_channels: channels ``E`` of a further conditioning input (self-conditioning's
+            previous x0 estimate, a broadcast latent code), concatenated after the image.
     """
 
     def __init__(
@@ -136,17 +144,20 @@ class ConditionalDenoiser(nn.Module):
         image_channels: int,
         mask_channels: int = 1,
         learn_sigma: bool = True,
+        extra_channels: int = 0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.image_channels = image_channels
         self.mask_channels = mask_channels
         self.learn_sigma = learn_sigma
+        self.extra_channels = extra_channels
         self.out_channels = mask_channels * (2 if learn_sigma else 1)
-        self.net = build_denoiser(cfg, image_channels, mask_channels, learn_sigma)
+        self.net = build_denoiser(cfg, image_channels, mask_channels, learn_sigma, extra_channels)
 
-    def forward(self, x_t: Tensor, image: Tensor, t: Tensor) -> Tensor:
-        """Map x_t (N, M, H, W), image (N, C, H, W) and t (N,) to (N, out_channels, H, W)."""
+    def forward(self, x_t: Tensor, image: Tensor, t: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Map x_t (N, M, H, W), image (N, C, H, W), t (N,) and, when the denoiser has extra
+        channels, ``extra`` (N, E, H, W) to (N, out_channels, H, W)."""
         if x_t.ndim != 4 or x_t.shape[1] != self.mask_channels:
             raise ValueError(
                 f"x_t must have shape (N, {self.mask_channels}, H, W), got {tuple(x_t.shape)}"
@@ -160,4 +171,12 @@ class ConditionalDenoiser(nn.Module):
         if t.shape != (n,):
             raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
         check_image_size(self.cfg, height, width)
-        return self.net(x=torch.cat([x_t, image], dim=1), timesteps=t)
+        inputs = [x_t, image]
+        if self.extra_channels:
+            if extra is None or extra.shape != (n, self.extra_channels, height, width):
+                got = None if extra is None else tuple(extra.shape)
+                raise ValueError(f"extra must have shape {(n, self.extra_channels, height, width)}, got {got}")
+            inputs.append(extra)
+        elif extra is not None:
+            raise ValueError("this denoiser has no extra input channels, but extra was given")
+        return self.net(x=torch.cat(inputs, dim=1), timesteps=t)
