@@ -27,12 +27,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    cfg = SyntheticConfig(num_cases=64, seed=2026)
+    cfg = SyntheticConfig(num_cases=64)
     OUT.mkdir(exist_ok=True)
     first_of_family: dict[str, np.ndarray] = {}
     volume = []
     for index in range(cfg.num_cases):
-        case, _ = make_case(cfg, index)
+        case, _ = make_case(cfg, index, seed=2026)
         family = case.meta["family"]
         if family not in first_of_family:
             first_of_family[family] = case.image[0]

@@ -7,34 +7,31 @@ one `ConfigError` by `validate_parameters`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cimd_pipeline.data.alignment import Normalisation, ResizeMode
-from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule, PredictionType
+from cimd_pipeline.data.synthetic import SyntheticConfig
+from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule, PredictionType, schedule_problems
 from cimd_pipeline.errors import ConfigError
+from cimd_pipeline.models.denoiser import UNetConfig
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SyntheticParams(Strict):
-    num_cases: int = Field(300, ge=1)
-    image_size: int = Field(64, ge=16)
-    family_weights: tuple[float, float, float] = (0.4, 0.35, 0.25)
-    cases_per_group: int = Field(2, ge=1)
-    oracle_samples: int = Field(16, ge=0)
-    empty_bone_share: float = Field(0.2, ge=0, le=1)
-
-
 class IngestionParams(Strict):
     source: str = "synthetic"
     seed: int = 0
     root: str | None = None
-    synthetic: SyntheticParams = SyntheticParams()
+    synthetic: SyntheticConfig = SyntheticConfig()
     reader: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -67,22 +64,6 @@ class Variant(str, Enum):
     @property
     def uses_ambiguity_nets(self) -> bool:
         return self in (Variant.CIMD_AA, Variant.CIMD_FC, Variant.CIMD_LATENT)
-
-
-class UNetParams(Strict):
-    channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = Field(2, ge=1)
-    num_head_channels: int = Field(32, ge=1)
-    norm_num_groups: int = Field(32, ge=1)
-
-    @model_validator(mode="after")
-    def _levels_match(self) -> "UNetParams":
-        if len(self.channels) != len(self.attention_levels):
-            raise ValueError("unet.channels and unet.attention_levels must have the same length")
-        if any(c % self.norm_num_groups for c in self.channels):
-            raise ValueError(f"every unet channel count must be divisible by norm_num_groups={self.norm_num_groups}")
-        return self
 
 
 class AmbiguityNetParams(Strict):
@@ -157,7 +138,7 @@ class ModelParams(Strict):
     min_snr_gamma: float = Field(5.0, gt=0)
     output_activation: Literal["none", "tanh"] = "none"
     self_condition: bool = False
-    unet: UNetParams = UNetParams()
+    unet: UNetConfig = UNetConfig()
     ambiguity_nets: AmbiguityNetParams = AmbiguityNetParams()
     baselines: BaselineParams = BaselineParams()  # prob_unet / phiseg only
 
@@ -168,6 +149,9 @@ class ModelParams(Strict):
                 f"output_activation={self.output_activation!r} bounds an x0 prediction; "
                 f"prediction_type={self.prediction_type.value!r} predicts an unbounded target"
             )
+        problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
+        if problems:  # the same function builds the model's schedule (models/cimd.py)
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -183,7 +167,7 @@ class TrainingParams(Strict):
     checkpoint_dir: str = "data/06_models/checkpoints"
     log_every: int = Field(25, ge=1)
     resume: bool = True
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Device = "auto"
     bf16: bool = True
     deterministic: bool = False
     progress: bool = True
@@ -194,16 +178,52 @@ class SamplerSettings(Strict):
 
     num_samples: int = Field(16, ge=1)
     method: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = Field(50, ge=1)
+    steps: int = 50
     eta: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     seed: int = 0
     progress: bool = True
 
+    @field_validator("steps")
+    @classmethod
+    def _at_least_two_steps(cls, steps: int) -> int:
+        if steps < 2:
+            raise ValueError(
+                f"{steps} sampling step(s) cannot be respaced: the respaced schedule keeps both ends "
+                "of the training schedule (t = 0 and t = T - 1), so the shortest chain has 2 steps"
+            )
+        return steps
+
 
 class SamplingParams(SamplerSettings):
     split: Literal["train", "val", "test"] = "test"
     max_cases: int | None = Field(None, ge=1)
+
+
+class InferenceParams(SamplerSettings):
+    """The ``inference`` parameter block (``conf/base/parameters_inference.yml``)."""
+
+    input: str | None = None
+    output: str = "data/07_model_output/inference"
+    batch_size: int = Field(64, ge=1)
+    device: Device = "auto"
+
+    @classmethod
+    def parse(cls, block: dict | None) -> InferenceParams:
+        """Validate the block into one `ConfigError` listing every problem; ``input`` is required."""
+        try:
+            params = cls.model_validate(block or {})
+        except ValidationError as error:
+            raise ConfigError("invalid parameters:\n  - " + "\n  - ".join(_describe("inference", error))) from error
+        if not params.input:
+            example = '--params "inference.input=scans/"'
+            raise ConfigError(f"inference.input: set it to a folder or a file, e.g. {example}")
+        return params
+
+    def sampling(self, seed_offset: int = 0) -> SamplingParams:
+        """The sampler settings (``progress`` off: inference shows one bar over images)."""
+        shared = self.model_dump(include=set(SamplerSettings.model_fields))
+        return SamplingParams(**{**shared, "seed": self.seed + seed_offset, "progress": False})
 
 
 class EvaluationParams(Strict):
@@ -217,21 +237,79 @@ BLOCKS: dict[str, type[Strict]] = {
     "training": TrainingParams,
     "sampling": SamplingParams,
     "evaluation": EvaluationParams,
+    "inference": InferenceParams,
 }
 
 
 def _describe(block: str, error: ValidationError) -> list[str]:
-    return [
-        f"{'.'.join([block, *map(str, e['loc'])])}: {e['msg']} (got {e.get('input')!r})"
-        for e in error.errors()
-    ]
+    lines = []
+    for e in error.errors():
+        shown = e.get("input")
+        got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+        lines.append(f"{'.'.join([block, *map(str, e['loc'])])}: {e['msg']}{got}")
+    return lines
 
 
-def validate_parameters(params: dict[str, Any]) -> dict[str, Strict]:
+def _size_problems(model: ModelParams | None, alignment: AlignmentParams) -> list[str]:
+    """The image size every network of the variant can down-sample."""
+    unet = model.unet if model is not None else UNetConfig()
+    problems = []
+    if alignment.image_size % unet.size_divisor:
+        problems.append(
+            f"alignment.image_size: {alignment.image_size} is not divisible by {unet.size_divisor}, "
+            f"which a UNet with {len(unet.channels)} levels needs"
+        )
+    if model is None:
+        return problems
+    if model.variant.uses_ambiguity_nets and alignment.image_size < 2 ** len(model.ambiguity_nets.filters):
+        problems.append(
+            f"alignment.image_size: {alignment.image_size} is smaller than the "
+            f"{2 ** len(model.ambiguity_nets.filters)} pixels the AMN/ACN encoder down-samples"
+        )
+    return problems + baseline_size_problems(model, alignment.image_size)
+
+
+def _ingestion_problems(ingestion: IngestionParams) -> list[str]:
+    """A known source, and reader options its reader accepts (checked now, not at ingestion)."""
+    from cimd_pipeline.data.readers import READERS, reader_options  # readers import config's neighbours
+
+    if ingestion.source not in READERS:
+        return [f"ingestion.source: unknown source {ingestion.source!r}; known: {sorted(READERS)}"]
+    if ingestion.source == "synthetic":
+        if ingestion.reader:
+            return [
+                f"ingestion.reader: the synthetic source takes no reader options (got "
+                f"{sorted(ingestion.reader)}); its settings are ingestion.synthetic.*"
+            ]
+        return []
+    try:
+        reader_options(ingestion.source, ingestion.reader)
+    except ValidationError as error:
+        return _describe("ingestion.reader", error)
+    return []
+
+
+def _device_problem(block: str, device: str) -> list[str]:
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+    }
+    if available.get(device, True):
+        return []
+    return [f"{block}.device: {device!r} is not available on this machine (use auto or cpu)"]
+
+
+def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> dict[str, Strict]:
     """Validate every known block present in ``params``; raise one `ConfigError` listing all problems.
 
-    Cross-block rules (the image size the UNet can down-sample, the sampler's step count) are
-    checked here too, so a run fails in the first second rather than after ingestion.
+    Cross-block rules (the image size the networks can down-sample, the sampler's step count, a
+    sampled split that alignment leaves empty, reader options, devices) are checked here too, so
+    a run fails in the first second rather than after ingestion or training.
+
+    Args:
+        params: the parameter blocks by name (``model``, ``training``, ...).
+        running: the blocks the pipeline about to run reads; rules about using a block (its device
+            exists, ``inference.input`` is set) apply to these only.
     """
     problems: list[str] = []
     parsed: dict[str, Strict] = {}
@@ -241,34 +319,30 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, Strict]:
                 parsed[block] = schema.model_validate(params[block] or {})
             except ValidationError as error:
                 problems.extend(_describe(block, error))
+    used = set(running)
     model, alignment, sampling = (parsed.get(k) for k in ("model", "alignment", "sampling"))
+    model = model if isinstance(model, ModelParams) else None
     if isinstance(alignment, AlignmentParams) and "model" in params:
-        levels = len(model.unet.channels) if isinstance(model, ModelParams) else len(UNetParams().channels)
-        factor = 2 ** (levels - 1)
-        if alignment.image_size % factor:
-            problems.append(
-                f"alignment.image_size: {alignment.image_size} is not divisible by {factor}, "
-                f"which a UNet with {levels} levels needs"
-            )
-    if isinstance(model, ModelParams) and isinstance(alignment, AlignmentParams):
-        if model.variant.uses_ambiguity_nets and alignment.image_size < 2 ** len(model.ambiguity_nets.filters):
-            problems.append(
-                f"alignment.image_size: {alignment.image_size} is smaller than the "
-                f"{2 ** len(model.ambiguity_nets.filters)} pixels the AMN/ACN encoder down-samples"
-            )
-    if isinstance(model, ModelParams) and isinstance(alignment, AlignmentParams):
-        problems.extend(baseline_size_problems(model, alignment.image_size))
-    if isinstance(model, ModelParams) and isinstance(sampling, SamplingParams):
+        problems.extend(_size_problems(model, alignment))
+    if model is not None and isinstance(sampling, SamplingParams):
         if sampling.steps > model.num_timesteps:
             problems.append(
                 f"sampling.steps: {sampling.steps} exceeds model.num_timesteps={model.num_timesteps}"
             )
+    if isinstance(sampling, SamplingParams) and isinstance(alignment, AlignmentParams):
+        if getattr(alignment.split, sampling.split) <= 0:
+            problems.append(
+                f"sampling.split: {sampling.split!r} is empty because alignment.split.{sampling.split} is 0"
+            )
     ingestion = parsed.get("ingestion")
     if isinstance(ingestion, IngestionParams):
-        from cimd_pipeline.data.readers import READERS  # readers import this module's neighbours
-
-        if ingestion.source not in READERS:
-            problems.append(f"ingestion.source: unknown source {ingestion.source!r}; known: {sorted(READERS)}")
+        problems.extend(_ingestion_problems(ingestion))
+    for block in ("training", "inference"):
+        if block in used and isinstance(parsed.get(block), (TrainingParams, InferenceParams)):
+            problems.extend(_device_problem(block, parsed[block].device))
+    inference = parsed.get("inference")
+    if "inference" in used and isinstance(inference, InferenceParams) and not inference.input:
+        problems.append('inference.input: set it to a folder or a file, e.g. --params "inference.input=scans/"')
     if problems:
         raise ConfigError("invalid parameters:\n  - " + "\n  - ".join(problems))
     return parsed

@@ -27,8 +27,9 @@ class ParameterValidationHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         params = catalog.load("parameters")
+        running = {name.removeprefix("params:").split(".")[0] for name in pipeline.inputs() if name.startswith("params:")}
         try:
-            validate_parameters(params)
+            validate_parameters(params, running)
         except ConfigError:
             # Kedro calls no on_pipeline_error for an error raised in this hook, and MLflow's exit
             # handler would then close kedro-mlflow's run as FINISHED.

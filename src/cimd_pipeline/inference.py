@@ -15,7 +15,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -26,15 +25,14 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
-from pydantic import Field, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from cimd_pipeline.config import AlignmentParams, SamplerSettings, SamplingParams
+from cimd_pipeline.config import AlignmentParams, InferenceParams, SamplingParams
 from cimd_pipeline.data.alignment import fit_to_size, normalise
 from cimd_pipeline.data.readers.folders import data_files, read_image
 from cimd_pipeline.ensembles import draw_ensembles
-from cimd_pipeline.errors import ConfigError, DataError
+from cimd_pipeline.errors import DataError
 from cimd_pipeline.io.atomic import atomic_write_dir
 from cimd_pipeline.models.trained import TrainedModel
 
@@ -44,33 +42,6 @@ RASTER = (".png", ".jpg", ".jpeg")
 NIFTI = (".nii", ".nii.gz")
 PNG_SCALE = 65535  # 16-bit PNG maps hold value * PNG_SCALE
 _NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
-
-
-class InferenceParams(SamplerSettings):
-    """The ``inference`` parameter block (``conf/base/parameters_inference.yml``)."""
-
-    input: str | None = None
-    output: str = "data/07_model_output/inference"
-    batch_size: int = Field(64, ge=1)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-
-    @classmethod
-    def parse(cls, block: dict | None) -> "InferenceParams":
-        """Validate the block into one `ConfigError` listing every problem; ``input`` is required."""
-        try:
-            params = cls.model_validate(block or {})
-        except ValidationError as error:
-            lines = [f"inference.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
-            raise ConfigError("invalid parameters:\n  - " + "\n  - ".join(lines)) from error
-        if not params.input:
-            example = '--params "inference.input=scans/"'
-            raise ConfigError(f"inference.input: set it to a folder or a file, e.g. {example}")
-        return params
-
-    def sampling(self, seed_offset: int = 0) -> SamplingParams:
-        """The sampler settings (``progress`` off: inference shows one bar over images)."""
-        shared = self.model_dump(include=set(SamplerSettings.model_fields))
-        return SamplingParams(**{**shared, "seed": self.seed + seed_offset, "progress": False})
 
 
 @dataclass

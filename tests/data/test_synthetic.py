@@ -5,8 +5,8 @@ from cimd_pipeline.data.synthetic import RATERS, SyntheticConfig, generate, make
 
 
 def test_same_seed_gives_identical_arrays():
-    a = list(generate(SyntheticConfig(num_cases=12, seed=3)))
-    b = list(generate(SyntheticConfig(num_cases=12, seed=3)))
+    a = list(generate(SyntheticConfig(num_cases=12), seed=3))
+    b = list(generate(SyntheticConfig(num_cases=12), seed=3))
     for x, y in zip(a, b):
         assert x.case_id == y.case_id and x.group_id == y.group_id
         np.testing.assert_array_equal(x.image, y.image)
@@ -15,8 +15,8 @@ def test_same_seed_gives_identical_arrays():
 
 
 def test_different_seed_gives_different_data():
-    a = make_case(SyntheticConfig(seed=0), 0)[0]
-    b = make_case(SyntheticConfig(seed=1), 0)[0]
+    a = make_case(SyntheticConfig(), 0, seed=0)[0]
+    b = make_case(SyntheticConfig(), 0, seed=1)[0]
     assert not np.array_equal(a.image, b.image)
 
 
@@ -56,7 +56,7 @@ def marginal(model) -> np.ndarray:
 
 @pytest.mark.parametrize("index", [0, 2, 4])  # nodule, lesions, bone for seed 5
 def test_rater_model_draws_fresh_masks_matching_the_case_distribution(index):
-    case, model = make_case(SyntheticConfig(seed=5), index)
+    case, model = make_case(SyntheticConfig(), index, seed=5)
     fresh = model.draw(600, np.random.default_rng(0))
     assert fresh.shape == (600, 64, 64) and fresh.dtype == np.uint8
     # Per-pixel frequencies match the model's marginal (binomial sd <= 0.02 at 600 draws).

@@ -127,10 +127,11 @@ def test_forward_rejects_mismatched_inputs(x_t, image, t):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"channels": ()}, "at least one"),
+        ({"channels": ()}, "at least 1 item"),
         ({"attention_levels": (False, True)}, "one flag per level"),
         ({"channels": (32, 48, 64)}, "divisible by norm_num_groups"),
-        ({"channels": (32, 0, 64)}, "positive"),
+        ({"channels": (32, 0, 64)}, r"channels\.1\n  Input should be greater than 0"),
+        ({"channel": (32, 64, 64)}, "channel\n  Unexpected keyword argument"),
         ({"num_res_blocks": 0}, "num_res_blocks"),
         ({"num_head_channels": 0}, "num_head_channels"),
         ({"norm_num_groups": 0}, "norm_num_groups"),

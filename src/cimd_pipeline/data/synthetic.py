@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ConfigDict, Field, NonNegativeFloat
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from scipy.ndimage import gaussian_filter
 
 from cimd_pipeline.data.cases import Case
@@ -59,29 +61,25 @@ class RaterModel:
         return out
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SyntheticConfig:
-    """Size and composition of the benchmark; validated on construction."""
+    """Size and composition of the benchmark; validated on construction.
 
-    num_cases: int = 300
-    image_size: int = 64
-    family_weights: tuple[float, float, float] = (0.4, 0.35, 0.25)
-    cases_per_group: int = 2
-    oracle_samples: int = 16
-    empty_bone_share: float = 0.2
-    seed: int = 0
+    The one definition of the ``ingestion.synthetic`` parameter block (`cimd_pipeline.config`
+    validates the YAML into it; bad values raise pydantic's ValidationError, a ValueError). The
+    seed is not part of it: it is ``ingestion.seed``.
+    """
+
+    num_cases: int = Field(300, ge=1)
+    image_size: int = Field(64, ge=16)
+    family_weights: tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat] = (0.4, 0.35, 0.25)
+    cases_per_group: int = Field(2, ge=1)
+    oracle_samples: int = Field(16, ge=0)
+    empty_bone_share: float = Field(0.2, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        if self.num_cases < 1:
-            raise ValueError(f"num_cases must be >= 1, got {self.num_cases}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if len(self.family_weights) != 3 or min(self.family_weights) < 0 or sum(self.family_weights) <= 0:
-            raise ValueError(f"family_weights must be three non-negative numbers, got {self.family_weights}")
-        if self.cases_per_group < 1 or self.oracle_samples < 0:
-            raise ValueError("cases_per_group must be >= 1 and oracle_samples >= 0")
-        if not 0.0 <= self.empty_bone_share <= 1.0:
-            raise ValueError(f"empty_bone_share must be in [0, 1], got {self.empty_bone_share}")
+        if sum(self.family_weights) <= 0:
+            raise ValueError(f"family_weights must not all be 0, got {self.family_weights}")
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -150,12 +148,12 @@ def _lesions(rng: np.random.Generator, size: int) -> tuple[np.ndarray, RaterMode
     return image, RaterModel(spots.astype(np.float32), inclusion, 0.3, 0.6)
 
 
-def make_case(cfg: SyntheticConfig, index: int) -> tuple[Case, RaterModel]:
-    """Generate case ``index`` and its rater model; a pure function of (cfg.seed, index)."""
-    rng = np.random.default_rng([cfg.seed, index])
+def make_case(cfg: SyntheticConfig, index: int, seed: int = 0) -> tuple[Case, RaterModel]:
+    """Generate case ``index`` and its rater model; a pure function of (cfg, seed, index)."""
+    rng = np.random.default_rng([seed, index])
     weights = np.asarray(cfg.family_weights, dtype=float)
     group = index // cfg.cases_per_group
-    family = FAMILIES[int(np.random.default_rng([cfg.seed, 10**6 + group]).choice(3, p=weights / weights.sum()))]
+    family = FAMILIES[int(np.random.default_rng([seed, 10**6 + group]).choice(3, p=weights / weights.sum()))]
     size = cfg.image_size
     if family == "nodule":
         image, model = _nodule(rng, size)
@@ -167,7 +165,7 @@ def make_case(cfg: SyntheticConfig, index: int) -> tuple[Case, RaterModel]:
     masks = np.zeros((max(RATERS.values()), size, size), dtype=np.uint8)
     masks[:raters] = model.draw(raters, rng)
     valid = np.arange(len(masks)) < raters
-    oracle_rng = np.random.default_rng([cfg.seed, index, 1])
+    oracle_rng = np.random.default_rng([seed, index, 1])
     case = Case(
         case_id=f"syn_{index:05d}",
         group_id=f"syn_group_{group:05d}",
@@ -180,7 +178,7 @@ def make_case(cfg: SyntheticConfig, index: int) -> tuple[Case, RaterModel]:
     return case.validate(), model
 
 
-def generate(cfg: SyntheticConfig) -> Iterator[Case]:
+def generate(cfg: SyntheticConfig, seed: int = 0) -> Iterator[Case]:
     """Yield every case of the benchmark in order (a stream: nothing is held in memory)."""
     for index in range(cfg.num_cases):
-        yield make_case(cfg, index)[0]
+        yield make_case(cfg, index, seed)[0]

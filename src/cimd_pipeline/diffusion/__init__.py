@@ -21,6 +21,7 @@ from cimd_pipeline.diffusion.schedule import (
     extract,
     linear_betas,
     make_betas,
+    schedule_problems,
     x0_loss_weights,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "normal_kl",
     "respaced_diffusion",
     "sample",
+    "schedule_problems",
     "space_timesteps",
     "x0_loss_weights",
 ]

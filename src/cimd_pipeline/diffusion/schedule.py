@@ -113,6 +113,36 @@ def x0_loss_weights(weighting: LossWeighting | str, snr: torch.Tensor, gamma: fl
     raise ValueError(f"{weighting.value!r} weighs the network's own target, not x0_hat: no x0 weights")
 
 
+def schedule_problems(
+    schedule: NoiseSchedule | str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> list[str]:
+    """Why `make_betas(schedule, ...)` cannot train or sample (empty list: it can).
+
+    The betas must grow with t and stay below 1: a beta of 1 makes abar_T = 0, so
+    x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero and every sample is NaN; a
+    beta above 1 has no square root. The linear ramp's ends are scaled by 1000 / T, so the
+    default beta_end 0.02 reaches 1 at T = 20.
+    """
+    if num_timesteps < 2:
+        return [f"num_timesteps={num_timesteps}: a schedule needs at least 2 steps"]
+    name = NoiseSchedule(schedule).value
+    betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
+    problems = []
+    if np.any(np.diff(betas) < 0) or betas[-1] <= betas[0]:
+        ends = f" (beta_start={beta_start}, beta_end={beta_end})" if name == "linear" else ""
+        problems.append(f"the {name} schedule must increase with t{ends}")
+    if betas.min() <= 0 or betas.max() >= 1:
+        hint = (
+            f"; use more steps or beta_end below {num_timesteps / 1000:.4g} (ends are scaled by 1000/T)"
+            if name == "linear" else ""
+        )
+        problems.append(
+            f"the {name} schedule over {num_timesteps} steps runs from beta={betas[0]:.4g} to "
+            f"beta={betas[-1]:.4g}; every beta must lie in (0, 1){hint}"
+        )
+    return problems
+
+
 def extract(table: np.ndarray | torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
     """Look up `table[t]` per sample and broadcast it to `shape`, e.g. (N, C, H, W).
 
@@ -164,8 +194,9 @@ class GaussianDiffusion:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
             raise ValueError(f"betas must be 1-D with at least 2 entries, got {betas.shape}")
-        if not np.all((betas > 0.0) & (betas <= 1.0)):
-            raise ValueError("betas must lie in (0, 1]")
+        if not np.all((betas > 0.0) & (betas < 1.0)):
+            # beta = 1 gives abar = 0 from there on: predict_x0 divides by zero (NaN samples).
+            raise ValueError(f"betas must lie in (0, 1), got range [{betas.min():.4g}, {betas.max():.4g}]")
         self.prediction_type = PredictionType(prediction_type)
         self.learn_sigma = bool(learn_sigma)
         self.betas = betas

@@ -36,7 +36,7 @@ from cimd_pipeline.diffusion import (
     space_timesteps,
 )
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, kl_divergence
-from cimd_pipeline.models.denoiser import ConditionalDenoiser, UNetConfig
+from cimd_pipeline.models.denoiser import ConditionalDenoiser
 
 
 def pick_raters(valid: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -71,10 +71,9 @@ class CIMD(nn.Module):
         super().__init__()
         self.params = params
         self.variant = params.variant
-        unet = UNetConfig(**params.unet.model_dump())
         extra = 1 if params.self_condition else 0
         self.denoiser = ConditionalDenoiser(
-            unet, image_channels, mask_channels=1, learn_sigma=True, extra_channels=extra
+            params.unet, image_channels, mask_channels=1, learn_sigma=True, extra_channels=extra
         )
         self.diffusion = GaussianDiffusion(
             make_betas(params.noise_schedule, params.num_timesteps, params.beta_start, params.beta_end),

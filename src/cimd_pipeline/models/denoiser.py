@@ -20,54 +20,48 @@ MONAI 1.6 behaviour worth knowing:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from pydantic import ConfigDict, Field, PositiveInt
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 __all__ = ["ConditionalDenoiser", "UNetConfig", "build_denoiser", "check_image_size"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class UNetConfig:
     """Architecture of the denoising U-Net (defaults give about 1.6 M parameters).
 
-    Sequences (e.g. YAML lists) are stored as tuples so the config stays hashable.
+    The one definition of the ``model.unet`` parameter block: `cimd_pipeline.config` validates
+    the YAML into this class, so defaults and rules cannot drift apart. A pydantic dataclass:
+    construction validates (unknown keys and bad values raise pydantic's ValidationError, a
+    ValueError) and turns sequences (e.g. YAML lists) into tuples, so the config stays hashable.
 
     Attributes:
         channels: feature channels per resolution level, from full resolution down.
         attention_levels: whether each level has self-attention (same length as channels).
         num_res_blocks: residual blocks per level.
-        num_head_channels: channels per attention head.
+        num_head_channels: channels per attention head; must divide the channels of every
+            attention level and of the last level (MONAI's middle block always attends).
         norm_num_groups: groups of every GroupNorm; must divide every entry of channels.
     """
 
-    channels: tuple[int, ...] = (32, 64, 64)
+    channels: tuple[PositiveInt, ...] = Field((32, 64, 64), min_length=1)
     attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = 2
-    num_head_channels: int = 32
-    norm_num_groups: int = 32
+    num_res_blocks: PositiveInt = 2
+    num_head_channels: PositiveInt = 32
+    norm_num_groups: PositiveInt = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
-        if not self.channels:
-            raise ValueError("UNetConfig.channels must name at least one level")
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(
-                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but "
-                f"channels has {len(self.channels)}; give one flag per level"
+                f"attention_levels has {len(self.attention_levels)} entries but channels has "
+                f"{len(self.channels)}; give one flag per level"
             )
-        for name in ("num_res_blocks", "num_head_channels", "norm_num_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if any(c < 1 for c in self.channels):
-            raise ValueError(f"UNetConfig.channels must be positive, got {self.channels}")
         bad_groups = [c for c in self.channels if c % self.norm_num_groups]
         if bad_groups:
             raise ValueError(
-                f"UNetConfig.channels {self.channels} must all be divisible by "
+                f"channels {self.channels} must all be divisible by "
                 f"norm_num_groups={self.norm_num_groups}; {bad_groups} are not"
             )
         attended = {c for c, a in zip(self.channels, self.attention_levels) if a}
@@ -114,6 +108,9 @@ def build_denoiser(
         )
     if extra_channels < 0:
         raise ValueError(f"extra_channels must be >= 0, got {extra_channels}")
+    # Imported here: MONAI takes seconds to import, and the parameter check needs only UNetConfig.
+    from monai.networks.nets import DiffusionModelUNet
+
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=mask_channels + image_channels + extra_channels,

@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from cimd_pipeline.data.cases import Case
-from cimd_pipeline.data.readers.folders import read_folders
-from cimd_pipeline.data.readers.lidc import read_lidc
-from cimd_pipeline.data.readers.nifti import read_msmri, read_qubiq
+from cimd_pipeline.data.readers.folders import FolderOptions, read_folders
+from cimd_pipeline.data.readers.lidc import LidcOptions, read_lidc
+from cimd_pipeline.data.readers.nifti import MSMRI_DEFAULTS, QUBIQ_DEFAULTS, NiftiOptions, read_msmri, read_qubiq
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 
 Reader = Callable[[Path | None, dict[str, Any], int], Iterator[Case]]
@@ -21,7 +23,7 @@ Reader = Callable[[Path | None, dict[str, Any], int], Iterator[Case]]
 
 def read_synthetic(root: Path | None, options: dict[str, Any], seed: int) -> Iterator[Case]:
     """The embedded benchmark: ``root`` is unused, ``options`` are `SyntheticConfig` fields."""
-    return generate(SyntheticConfig(seed=seed, **options))
+    return generate(SyntheticConfig(**options), seed)
 
 
 READERS: dict[str, Reader] = {
@@ -31,6 +33,20 @@ READERS: dict[str, Reader] = {
     "msmri": read_msmri,
     "qubiq": read_qubiq,
 }
+
+
+def reader_options(source: str, options: dict[str, Any]) -> BaseModel:
+    """The ``ingestion.reader`` options of a real-data ``source`` as its reader will parse them.
+
+    Raises pydantic's ValidationError for an unknown key or bad value (a regex that does not
+    compile included), so the parameter check refuses them before any file is read.
+    """
+    if source == "folders":
+        return FolderOptions.model_validate(options)
+    if source == "lidc":
+        return LidcOptions.model_validate(options)
+    defaults = {"msmri": MSMRI_DEFAULTS, "qubiq": QUBIQ_DEFAULTS}[source]
+    return NiftiOptions.model_validate({**defaults, **options})
 
 
 def get_reader(source: str) -> Reader:

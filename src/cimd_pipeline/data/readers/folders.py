@@ -20,11 +20,11 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.errors import ConfigError, DataError
@@ -35,6 +35,18 @@ _JPEG = (".jpg", ".jpeg")
 _PLAIN_MODES = ("L", "I", "I;16", "F")
 
 
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
+"""A regular expression option, compiled when the parameters are checked."""
+
+
 class FolderOptions(BaseModel):
     """``ingestion.reader`` options of the ``folders`` source; unknown keys are refused."""
 
@@ -42,7 +54,7 @@ class FolderOptions(BaseModel):
     layout: Literal["flat", "per_case"] = "flat"
     # flat: files under root matching `pattern`; a stem ending in `rater_suffix` is a mask.
     pattern: str = "**/*.png"
-    rater_suffix: str = r"_l(\d+)"
+    rater_suffix: Regex = r"_l(\d+)"
     images_folder: str | None = None  # e.g. "images": dropped from the case id of images
     masks_folder: str | None = None  # e.g. "gt": dropped from the case id of masks
     # per_case: folders matching `case_glob` under root, each with one image and rater masks.
@@ -50,7 +62,7 @@ class FolderOptions(BaseModel):
     image_glob: str = "image*"
     mask_glob: str = "label*"
     # both layouts
-    group_regex: str | None = None  # group 1 (or (?P<group>...)) of a search in the case id
+    group_regex: Regex | None = None  # group 1 (or (?P<group>...)) of a search in the case id
     mask_threshold: float = 127  # JPEG masks: foreground is value > mask_threshold
     color: Literal["gray", "rgb"] = "gray"  # colour images: one luminance channel or three
 

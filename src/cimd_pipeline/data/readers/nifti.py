@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.grid import resample_to_grid, same_grid
-from cimd_pipeline.data.readers.folders import data_files, group_of, natural_key, require_root
+from cimd_pipeline.data.readers.folders import Regex, data_files, group_of, natural_key, require_root
 from cimd_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ class NiftiOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     modalities: dict[str, str | list[str]]  # channel name -> filename glob(s), in channel order
     masks: str | list[str]  # filename glob(s) of rater masks; raters in natural name order
-    case_regex: str | None = None  # search in the relative path; group 1 is the case key
-    group_regex: str | None = None  # search in the case key; group 1 is the patient/subject
+    case_regex: Regex | None = None  # search in the relative path; group 1 is the case key
+    group_regex: Regex | None = None  # search in the case key; group 1 is the patient/subject
     reorient: bool = True  # turn 3-D volumes to the closest RAS+ orientation
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ def ingest_cases(ingestion: dict[str, Any]) -> Iterator[Case]:
     Not a generator function on purpose: Kedro would save each yielded case as a separate chunk.
     """
     params = IngestionParams.model_validate(ingestion)
-    options = params.synthetic.model_dump() if params.source == "synthetic" else dict(params.reader)
+    options = asdict(params.synthetic) if params.source == "synthetic" else dict(params.reader)
     root = Path(params.root) if params.root else None
     return get_reader(params.source)(root, options, params.seed)
 
