@@ -299,6 +299,20 @@ def _device_problem(block: str, device: str) -> list[str]:
     return [f"{block}.device: {device!r} is not available on this machine (use auto or cpu)"]
 
 
+def deterministic_training_problems(model: ModelParams, training: TrainingParams) -> list[str]:
+    """``training.deterministic`` with a baseline on CUDA cannot run: both baselines up-sample
+    bilinearly, and PyTorch has no deterministic CUDA backward for that (torch.use_deterministic_algorithms
+    lists ``interpolate`` with ``bilinear`` among the operations that raise)."""
+    if not (training.deterministic and model.variant in (Variant.PROB_UNET, Variant.PHISEG)):
+        return []
+    if training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available()):
+        return [
+            f"training.deterministic: {model.variant.value} up-samples bilinearly, whose CUDA backward "
+            "PyTorch cannot run deterministically; set training.deterministic=false or training.device=cpu"
+        ]
+    return []
+
+
 def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> dict[str, Strict]:
     """Validate every known block present in ``params``; raise one `ConfigError` listing all problems.
 
@@ -334,6 +348,9 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
             problems.append(
                 f"sampling.split: {sampling.split!r} is empty because alignment.split.{sampling.split} is 0"
             )
+    training = parsed.get("training")
+    if isinstance(model, ModelParams) and isinstance(training, TrainingParams):
+        problems.extend(deterministic_training_problems(model, training))
     ingestion = parsed.get("ingestion")
     if isinstance(ingestion, IngestionParams):
         problems.extend(_ingestion_problems(ingestion))

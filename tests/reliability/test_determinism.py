@@ -18,7 +18,7 @@ from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases,
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.io.case_folder import CaseFolderDataset
 from cimd_pipeline.io.model_dataset import TrainedModelDataset
-from cimd_pipeline.training.loop import make_deterministic, train
+from cimd_pipeline.training.loop import deterministic_algorithms, train
 from tests.reliability.conftest import mlflow_client, runs_of
 from tests.training.test_loop import fresh
 
@@ -90,14 +90,13 @@ def test_deterministic_flag_repeats_training_exactly_and_sets_cublas_workspace(
     data = stack_cases(aligned, {"train": 1.0, "test": 0.0001}, 0).subset("train")
     params = TrainingParams(max_steps=4, batch_size=4, log_every=1, progress=False, deterministic=True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    try:
-        runs = [train(fresh(), data, params, tmp_path / f"{i}.pt", "fp") for i in range(2)]
+    runs = [train(fresh(), data, params, tmp_path / f"{i}.pt", "fp") for i in range(2)]
+    assert not torch.are_deterministic_algorithms_enabled()  # switched on for training only
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # CPU: not needed
+    with deterministic_algorithms(torch.device("cuda")):
         assert torch.are_deterministic_algorithms_enabled()
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # CPU: not needed
-        make_deterministic(torch.device("cuda"))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    finally:
-        torch.use_deterministic_algorithms(False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert runs[0].history == runs[1].history
     assert all(np.isfinite(row["loss"]) for row in runs[0].history)
     for key, value in runs[0].ema_state.items():

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from cimd_pipeline.errors import DataError
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from cimd_pipeline.training.loop import run_fingerprint, train
+from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
+from cimd_pipeline.training.loop import train
 from tests.models.test_cimd import tiny
 
 
@@ -63,9 +65,9 @@ def test_checkpoint_of_another_configuration_is_refused(data, tmp_path):
 
 
 def test_fingerprint_ignores_max_steps_but_not_lr(data):
-    model = {"variant": "cimd_aa"}
-    assert run_fingerprint(model, params(max_steps=5), data) == run_fingerprint(model, params(max_steps=50), data)
-    assert run_fingerprint(model, params(lr=1e-4), data) != run_fingerprint(model, params(lr=2e-4), data)
+    model, digest = {"variant": "cimd_aa"}, data_digest(data)
+    assert run_fingerprint(model, params(max_steps=5), digest) == run_fingerprint(model, params(max_steps=50), digest)
+    assert run_fingerprint(model, params(lr=1e-4), digest) != run_fingerprint(model, params(lr=2e-4), digest)
 
 
 def test_strict_load_lists_mismatched_shapes():
@@ -75,18 +77,37 @@ def test_strict_load_lists_mismatched_shapes():
         load_state_strict(other, small.state_dict(), "model.pt")
 
 
-def test_unwritable_checkpoint_folder_keeps_the_previous_checkpoint(tmp_path):
+def test_unwritable_checkpoint_folder_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A read-only folder, simulated (root ignores permission bits): no file in it can be created,
+    replaced or removed. The write must fail with the OSError, never silently, and the previous
+    checkpoint must stay readable."""
     path = tmp_path / "ckpt" / "last.pt"
     save_checkpoint({"step": 1}, path)
-    os.chmod(path.parent, 0o500)
-    try:
-        if os.access(path.parent, os.W_OK):
-            pytest.skip("running as a user that ignores folder permissions")
-        with pytest.raises(OSError):
-            save_checkpoint({"step": 2}, path)
-    finally:
-        os.chmod(path.parent, 0o700)
+    folder = path.parent
+
+    def refuse(target):
+        if Path(target).resolve().parent == folder.resolve():
+            raise PermissionError(13, "Permission denied", str(target))
+
+    def read_only(function):
+        def guarded(target, *args, **kwargs):
+            refuse(target)
+            return function(target, *args, **kwargs)
+        return guarded
+
+    def mkstemp(*args, dir=None, **kwargs):
+        refuse(Path(dir) / "new-file")
+        return make_temp(*args, dir=dir, **kwargs)
+
+    make_temp = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    for name in ("replace", "rename", "unlink", "remove"):
+        monkeypatch.setattr(os, name, read_only(getattr(os, name)))
+    with pytest.raises(OSError, match="Permission denied"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in folder.iterdir()] == ["last.pt"]
 
 
 def test_failed_write_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -133,13 +154,18 @@ def test_trained_model_round_trip_rebuilds_the_same_network(tmp_path):
 
 
 def test_nan_loss_stops_training_without_overwriting_the_checkpoint(data, tmp_path):
+    """The diverging run writes the same checkpoint path, every step, so a loop that saved before
+    checking the loss (or saved on the way out) would overwrite the good step-3 checkpoint."""
     net = fresh()
-    train(net, data, params(max_steps=3), tmp_path / "last.pt", "fp")
+    good = train(net, data, params(max_steps=3), tmp_path / "last.pt", "fp")
     with torch.no_grad():
         for p in net.denoiser.parameters():
             p.fill_(float("nan"))
     broken = fresh()
     broken.load_state_dict(net.state_dict())
     with pytest.raises(FloatingPointError, match="at step"):
-        train(broken, data, params(max_steps=6, resume=False), tmp_path / "other.pt", "fp")
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+        train(broken, data, params(max_steps=6, resume=False, checkpoint_every=1), tmp_path / "last.pt", "fp")
+    kept = load_checkpoint(tmp_path / "last.pt")
+    assert kept["step"] == 3
+    for key, value in good.ema_state.items():
+        assert torch.equal(kept["ema"][key], value), key

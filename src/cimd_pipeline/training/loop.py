@@ -9,11 +9,11 @@ the same machine.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,16 @@ from tqdm.auto import tqdm
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
-from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from cimd_pipeline.training.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    load_state_strict,
+    run_settings,
+    save_checkpoint,
+)
 from cimd_pipeline.training.ema import EMA
 
 logger = logging.getLogger(__name__)
-
-# Training parameters that change the trajectory; max_steps, resume and logging do not, so a run
-# with more steps continues the checkpoint of a shorter one.
-TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup")
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -49,31 +51,45 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def run_fingerprint(model_params: dict[str, Any], training: TrainingParams, data: AlignedSet) -> str:
-    """A short hash of everything that must match for a checkpoint to be resumed."""
-    payload = {
-        "model": model_params,
-        "training": {k: getattr(training, k) for k in TRAJECTORY_KEYS},
-        "data": [list(data.images.shape), list(data.masks.shape), list(data.cases["case_id"])],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def make_deterministic(device: torch.device) -> None:
+@contextmanager
+def deterministic_algorithms(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """``training.deterministic``: refuse non-deterministic kernels (an error, not a warning).
 
     On CUDA, cuBLAS is only reproducible with a fixed workspace; torch raises without
-    ``CUBLAS_WORKSPACE_CONFIG``, so it is set here unless the user chose a value.
+    ``CUBLAS_WORKSPACE_CONFIG``, so it is set here unless the user chose a value. Every switch is
+    put back on exit, error or not: the setting is process-wide, and sampling or a notebook that
+    trains must not inherit it.
     """
+    if not enabled:
+        yield
+        return
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+        if previous[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = previous[3]
 
 
 @dataclass
 class TrainResult:
-    """What training leaves behind: EMA weights, loss history and timing."""
+    """What training leaves behind: EMA weights, loss history and timing.
+
+    ``seconds`` is the training time of the whole run, summed over the processes that resumed it.
+    """
 
     ema_state: dict[str, torch.Tensor]
     history: list[dict[str, float]]
@@ -100,37 +116,51 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on ``data`` (the train split) for ``params.max_steps`` optimiser steps.
 
-    Resumes from ``checkpoint_path`` when it exists, ``params.resume`` is set and its fingerprint
-    matches; writes it atomically every ``checkpoint_every`` steps and at the end.
+    Resumes from ``checkpoint_path`` when it exists, ``params.resume`` is set and its fingerprint,
+    device type and precision match; writes it atomically every ``checkpoint_every`` steps and at
+    the end. A checkpoint beyond ``max_steps`` is refused: its weights are not those of a shorter
+    run.
     """
     if len(data) == 0:
         raise ValueError("the train split is empty: check alignment.split and the dataset size")
     device = select_device(params.device)
-    if params.deterministic:
-        make_deterministic(device)
+    with deterministic_algorithms(device, params.deterministic):
+        return _train(model, data, params, checkpoint_path, fingerprint, device)
+
+
+def _train(
+    model: nn.Module,
+    data: AlignedSet,
+    params: TrainingParams,
+    checkpoint_path: Path,
+    fingerprint: str,
+    device: torch.device,
+) -> TrainResult:
     model.to(device)
     ema = EMA(model, params.ema_decay, params.ema_warmup)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    step, history, window = 0, [], {}
+    settings = run_settings(fingerprint, device, params)
+    step, history, window, seconds_before = 0, [], {}, 0.0
     if params.resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{checkpoint_path}: checkpoint belongs to another run configuration")
+        check_resumable(state, settings, params.max_steps, checkpoint_path)
         load_state_strict(model, state["model"], checkpoint_path)
         load_state_strict(ema.shadow, state["ema"], checkpoint_path)
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"].cpu())
         step, history, window = int(state["step"]), list(state["history"]), dict(state["window"])
+        seconds_before = float(state["seconds"])
         logger.info("resuming training from step %d (%s)", step, checkpoint_path)
     resumed_from = step
-    use_bf16 = params.bf16 and device.type == "cuda"
+    use_bf16 = settings["precision"] == "bf16"
+    started = time.perf_counter()
 
     def checkpoint() -> None:
         save_checkpoint(
             {
-                "fingerprint": fingerprint,
+                **settings,
                 "model": model.state_dict(),
                 "ema": ema.shadow.state_dict(),
                 "optimiser": optimiser.state_dict(),
@@ -138,12 +168,12 @@ def train(
                 "step": step,
                 "history": history,
                 "window": window,
+                "seconds": seconds_before + time.perf_counter() - started,
             },
             checkpoint_path,
         )
 
     model.train()
-    started = time.perf_counter()
     bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress, desc="training", unit="step")
     while step < params.max_steps:
         index = torch.randint(0, len(data), (params.batch_size,), generator=generator, device=device)
@@ -170,7 +200,11 @@ def train(
             checkpoint()
         bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - started
-    logger.info("trained %d steps (%d new) in %.1f s on %s", step, step - resumed_from, seconds, device)
+    elapsed = time.perf_counter() - started
+    seconds = seconds_before + elapsed
+    logger.info(
+        "trained %d steps (%d new, %.1f s) on %s; %.1f s of training in all",
+        step, step - resumed_from, elapsed, device, seconds,
+    )
     ema_state = {k: v.detach().cpu() for k, v in ema.shadow.state_dict().items()}
     return TrainResult(ema_state, history, step, seconds, str(device), resumed_from)

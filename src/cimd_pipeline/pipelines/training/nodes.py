@@ -11,7 +11,8 @@ import torch
 from cimd_pipeline.config import ModelParams, TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models.trained import TrainedModel, build_model
-from cimd_pipeline.training.loop import run_fingerprint, train
+from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
+from cimd_pipeline.training.loop import train
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def train_model(
     train_params = TrainingParams.model_validate(training)
     train_set = data.subset("train")
     plain = model_params.model_dump(mode="json")
-    fingerprint = run_fingerprint(plain, train_params, train_set)
+    digest = data_digest(train_set)
+    fingerprint = run_fingerprint(plain, train_params, digest)
     checkpoint = Path(train_params.checkpoint_dir) / f"{model_params.variant.value}-{fingerprint}" / "last.pt"
     torch.manual_seed(train_params.seed)
     net = build_model(model_params, train_set.image_channels)
@@ -46,6 +48,7 @@ def train_model(
             "train_seconds": result.seconds,
             "device": result.device,
             "fingerprint": fingerprint,
+            "data_digest": digest,
             "parameters": parameters,
             "resumed_from": result.resumed_from,
         },
