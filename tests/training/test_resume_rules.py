@@ -20,7 +20,7 @@ from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture
 
 def aligned(seed: int = 0, normalisation: Normalisation = Normalisation.ZSCORE):
     cases = align_cases(
-        generate(SyntheticConfig(num_cases=8, image_size=32, seed=seed)), (16, 16), ResizeMode.RESIZE,
+        generate(SyntheticConfig(num_cases=8, image_size=32), seed=seed), (16, 16), ResizeMode.RESIZE,
         normalisation, None, 2, 0.0, 0,
     )
     return stack_cases(cases, {"train": 1.0, "test": 0.0001}, 0)
