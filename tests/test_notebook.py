@@ -26,5 +26,7 @@ def test_compare_runs_notebook_executes(tmp_path_factory, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert str(project / "mlflow.db") in text and "1 with test metrics" in text and "cimd_aa" in text
+    # runs are shown by the names the MLflow UI shows
+    assert "cimd_aa · test/synthetic · seed 0 · 12 steps · __default__+inference" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the GED bar chart and one variant's sample grid

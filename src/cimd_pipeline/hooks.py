@@ -13,8 +13,18 @@ from mlflow.tracking import MlflowClient
 from cimd_pipeline.config import validate_parameters
 from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.mlflow_runs import KILLED, close_dead_runs, owner_tags
+from cimd_pipeline.run_labels import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    AlignedDatasetInput,
+    dataset_label,
+    run_name,
+)
 
 logger = logging.getLogger(__name__)
+
+#: The catalog entry whose data every model stage reads (conf/base/catalog.yml).
+ALIGNED_DATASET = "aligned_dataset"
 
 
 class ParameterValidationHook:
@@ -82,3 +92,52 @@ class MlflowRunOwnerHook:
             closed = True
         if closed:
             logger.warning("pipeline interrupted: MLflow run %s marked %s", self._open_run, KILLED)
+
+
+class MlflowRunLabelHook:
+    """Name kedro-mlflow's run by what differs, mark the experiment as model training, and log
+    the aligned dataset as the run's dataset input (see `run_labels`).
+
+    Registered beside `MlflowRunOwnerHook`, so it also runs after kedro-mlflow has started the
+    run. A run name set in mlflow.yml (``tracking.run.name``) or an outer run is kept: only the
+    pipeline name kedro-mlflow falls back to is replaced.
+    """
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] = {}
+        self._env: str | None = None
+        self._aligned_path = "."
+        self._logged: set[str] = set()
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        run = mlflow.active_run()
+        if run is None:
+            return
+        self._params = catalog.load("parameters")
+        self._env = run_params.get("env")
+        aligned = catalog.get(ALIGNED_DATASET)
+        self._aligned_path = (aligned._describe().get("path") if aligned is not None else None) or "."
+        pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+        client = MlflowClient()
+        experiment = client.get_experiment(run.info.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        if run.info.run_name == "+".join(pipelines):
+            client.update_run(run.info.run_id, name=run_name(self._params, self._env, pipelines))
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        self._log_aligned(dataset_name, data)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any, node: Any) -> None:
+        self._log_aligned(dataset_name, data)
+
+    def _log_aligned(self, dataset_name: str, data: Any) -> None:
+        run = mlflow.active_run()
+        if dataset_name != ALIGNED_DATASET or run is None or run.info.run_id in self._logged:
+            return
+        name = f"{dataset_label(self._params, self._env)} aligned"
+        mlflow.log_input(AlignedDatasetInput(data, self._aligned_path, name), context="aligned")
+        self._logged.add(run.info.run_id)

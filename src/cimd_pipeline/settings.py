@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 
-from cimd_pipeline.hooks import MlflowRunOwnerHook, ParameterValidationHook
+from cimd_pipeline.hooks import MlflowRunLabelHook, MlflowRunOwnerHook, ParameterValidationHook
 
 
 def _project_root() -> str:
@@ -19,8 +19,8 @@ def _project_root() -> str:
     return str(here)
 
 
-# Called last-registered first: MlflowRunOwnerHook tags the run before validation can fail it.
-HOOKS = (ParameterValidationHook(), MlflowRunOwnerHook())
+# Called last-registered first: the MLflow hooks tag and name the run before validation can fail it.
+HOOKS = (ParameterValidationHook(), MlflowRunLabelHook(), MlflowRunOwnerHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

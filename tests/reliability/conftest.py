@@ -8,6 +8,7 @@ of the test model), and the determinism tests compare runs made with the same th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,33 @@ def twin_runs(tmp_path_factory: pytest.TempPathFactory) -> TwinRuns:
     for run in runs:
         run.wait()
     return TwinRuns(projects, runs, tuple(root / f"guard_{n}" / "network.log" for n in ("first", "second")))
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of the executable ``name``; skip without it, but FAIL in CI (``CI=true``), whose
+    ``.ci/run`` installs the Debian ``package`` that provides it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: install Debian's {package} (apt-get install -y {package})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+#: The second run of `labelled_runs`: another variant, trained on other data, for fewer steps.
+OTHER_RUN_PARAMS = "model.variant=ddpm_det,ingestion.seed=1,training.max_steps=6"
+
+
+@pytest.fixture(scope="session")
+def labelled_runs(twin_runs: TwinRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose MLflow store holds the first twin's run (cimd_aa, ingestion seed 0) and
+    a ``kedro run --env test`` of another variant on other data (`OTHER_RUN_PARAMS`).
+
+    The twin's store is copied, not shared, so the determinism tests keep their one-run stores.
+    """
+    twin_runs.runs[0].check()
+    project = make_project_copy(tmp_path_factory.mktemp("labelled") / "project")
+    shutil.copy(twin_runs.projects[0] / "mlflow.db", project / "mlflow.db")
+    start_kedro(project, "--env", "test", "--params", OTHER_RUN_PARAMS, log="other").check()
+    return project

@@ -1,16 +1,16 @@
-"""``mlflow ui`` on the project's store shows a ``kedro run`` in a real browser.
+"""Runs a person can tell apart: names, experiment kind and dataset inputs, through MLflow's API
+and in ``mlflow ui`` in a real browser.
 
 The MLflow UI is a JavaScript app, so the page is rendered by headless Chromium (Debian's
-``chromium``); ``--virtual-time-budget`` lets its requests finish before the DOM is dumped. The
-server gets one worker and no job runner (≈ 0.6 GB instead of ≈ 3.5 GB) and is stopped by its
-process group in every case.
+``chromium``, installed by ``.ci/run``); ``--virtual-time-budget`` lets its requests finish before
+the DOM is dumped. The server gets one worker and no job runner (≈ 0.6 GB instead of ≈ 3.5 GB) and
+is stopped by its process group in every case.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import runs_of, wait_for
+from cimd_pipeline.io.aligned_dataset import AlignedDataset
+from cimd_pipeline.run_labels import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, RUNS_VIEW_QUERY, AlignedDatasetInput
+from tests.reliability.conftest import EXPERIMENT, mlflow_client, require_tool, runs_of, wait_for
 
-CHROMIUM = shutil.which("chromium")
-pytestmark = [
-    pytest.mark.ui,
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
-]
+pytestmark = pytest.mark.slow
+
+NAMES = ["cimd_aa · test/synthetic · seed 0 · 12 steps", "ddpm_det · test/synthetic · seed 0 · 6 steps"]
 
 
 def _free_port() -> int:
@@ -48,17 +47,44 @@ def _get(url: str, data: dict | None = None) -> str | None:
 
 def _render(url: str, profile: Path) -> str:
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        require_tool("chromium", "chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
 
 
-def test_mlflow_ui_lists_the_kedro_run_in_headless_chromium(twin_runs, tmp_path):
-    project = twin_runs.projects[0]
-    twin_runs.runs[0].check()
-    (run,) = runs_of(project)
+def test_runs_are_named_by_what_differs_and_carry_their_dataset(labelled_runs):
+    first, second = runs_of(labelled_runs)
+    assert [first.info.run_name, second.info.run_name] == NAMES
+    client = mlflow_client(labelled_runs)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    inputs = [run.inputs.dataset_inputs for run in (first, second)]
+    assert [len(i) for i in inputs] == [1, 1]
+    datasets = [i[0].dataset for i in inputs]
+    assert [d.name for d in datasets] == ["test/synthetic aligned"] * 2
+    assert datasets[0].digest != datasets[1].digest  # ingestion seeds 0 and 1
+    assert [t.value for i in inputs for t in i[0].tags if t.key == "mlflow.data.context"] == ["aligned"] * 2
+    # the second run's input describes the aligned data on disk: same digest, its split sizes
+    aligned = labelled_runs / "data" / "03_primary" / "aligned"
+    data = AlignedDataset(str(aligned)).load()
+    assert datasets[1].digest == AlignedDatasetInput(data, aligned, "x").digest
+    splits = data.cases["split"].value_counts()
+    profile = json.loads(datasets[1].profile)
+    assert profile == {"cases": 40, "train": splits["train"], "val": splits["val"], "test": splits["test"],
+                       "raters": 4, "channels": 1, "image_size": "16x16"}
+    assert json.loads(datasets[1].source) == {"uri": str(aligned.resolve())}
+    # runs on the same data are found by its digest
+    found = client.search_runs([experiment.experiment_id], f"dataset.digest = '{datasets[1].digest}'")
+    assert [r.info.run_id for r in found] == [second.info.run_id]
+
+
+@pytest.mark.ui
+def test_mlflow_ui_opens_the_experiment_on_its_runs_list_in_headless_chromium(labelled_runs, tmp_path):
+    project = labelled_runs
+    runs = runs_of(project)
+    experiment_id = runs[0].info.experiment_id
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w")
@@ -76,11 +102,14 @@ def test_mlflow_ui_lists_the_kedro_run_in_headless_chromium(twin_runs, tmp_path)
     try:
         wait_for(lambda: _get(f"{base}/health") == "OK", 180, "the MLflow server", poll=0.5)
         assert server.poll() is None
-        search = _get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [run.info.experiment_id]})
-        assert [r["info"]["run_id"] for r in json.loads(search)["runs"]] == [run.info.run_id]
-        dom = _render(f"{base}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "chromium")
-        # the runs table: the run's name, linked to its page
-        assert run.info.run_name in dom and f"runs/{run.info.run_id}" in dom, dom[-3000:]
+        search = _get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})
+        assert {r["info"]["run_id"] for r in json.loads(search)["runs"]} == {r.info.run_id for r in runs}
+        # the link README gives: the experiment in the model-training view
+        dom = _render(f"{base}/#/experiments/{experiment_id}?{RUNS_VIEW_QUERY}", tmp_path / "chromium")
+        # it lands on the runs table: every run's name, linked to its page, and the dataset column
+        for run in runs:
+            assert run.info.run_name in dom and f"runs/{run.info.run_id}" in dom, dom[-3000:]
+        assert "test/synthetic aligned" in dom, dom[-3000:]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
