@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 from typing import Any
 
 import mlflow
@@ -20,6 +21,7 @@ from cimd_pipeline.run_labels import (
     dataset_label,
     run_name,
 )
+from cimd_pipeline.tracking_server import check_reachable, ensure_experiment, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +143,33 @@ class MlflowRunLabelHook:
         name = f"{dataset_label(self._params, self._env)} aligned"
         mlflow.log_input(AlignedDatasetInput(data, self._aligned_path, name), context="aligned")
         self._logged.add(run.info.run_id)
+
+
+class TrackingServerHook:
+    """Before kedro-mlflow connects (``tryfirst``): a remote tracking server must answer, and the
+    experiment is created race-free, so two runs started at once on a new server both succeed.
+
+    kedro-mlflow reads the same ``mlflow`` configuration right after; a missing
+    ``MLFLOW_TRACKING_URI`` stops the run here already, through the ``required_env`` resolver.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        if mlflow.active_run() is not None:
+            return  # an outer run decides where tracking goes
+        loader = context.config_loader
+        if "mlflow" not in loader.config_patterns:
+            loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
+        config = loader["mlflow"]
+        uri = (config.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if not is_remote(uri):
+            return
+        check_reachable(uri)
+        experiment = (config.get("tracking") or {}).get("experiment") or {}
+        options = experiment.get("create_experiment_kwargs") or {}
+        ensure_experiment(
+            MlflowClient(tracking_uri=uri),
+            experiment.get("name") or context._package_name,
+            options.get("artifact_location"),
+            options.get("tags"),
+        )

@@ -1,4 +1,4 @@
-"""Kedro project settings: hooks, config loader and the ``project_root`` resolver.
+"""Kedro project settings: hooks, config loader and the ``project_root``/``required_env`` resolvers.
 
 The resolver anchors ``sqlite:///${project_root:}/mlflow.db`` and artefact folders at the project
 root, so running from another directory never scatters a second MLflow store.
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 
-from cimd_pipeline.hooks import MlflowRunLabelHook, MlflowRunOwnerHook, ParameterValidationHook
+from cimd_pipeline.hooks import MlflowRunLabelHook, MlflowRunOwnerHook, ParameterValidationHook, TrackingServerHook
+from cimd_pipeline.tracking_server import required_env
 
 
 def _project_root() -> str:
@@ -20,13 +21,15 @@ def _project_root() -> str:
 
 
 # Called last-registered first: the MLflow hooks tag and name the run before validation can fail it.
-HOOKS = (ParameterValidationHook(), MlflowRunLabelHook(), MlflowRunOwnerHook())
+# TrackingServerHook runs first of all (tryfirst), before kedro-mlflow connects.
+HOOKS = (ParameterValidationHook(), MlflowRunLabelHook(), MlflowRunOwnerHook(), TrackingServerHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    "custom_resolvers": {"project_root": _project_root},
-    # Environments (conf/test, conf/lidc, ...) override single keys, not whole parameter blocks.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
+    # ${required_env:NAME}: conf/team/mlflow.yml's server address, a clear error when unset
+    "custom_resolvers": {"project_root": _project_root, "required_env": required_env},
+    # Environments (conf/test, conf/lidc, conf/team ...) override single keys, not whole blocks.
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
 }
