@@ -198,6 +198,9 @@ class SamplerSettings(Strict):
 class SamplingParams(SamplerSettings):
     split: Literal["train", "val", "test"] = "test"
     max_cases: int | None = Field(None, ge=1)
+    # worker processes sharing the batches (one per GPU on a multi-GPU machine); the samples are
+    # bit-identical for any count (docs/scaling.md)
+    num_processes: int = Field(1, ge=1)
 
 
 class InferenceParams(SamplerSettings):
@@ -220,10 +223,10 @@ class InferenceParams(SamplerSettings):
             raise ConfigError(f"inference.input: set it to a folder or a file, e.g. {example}")
         return params
 
-    def sampling(self, seed_offset: int = 0) -> SamplingParams:
+    def sampling(self) -> SamplingParams:
         """The sampler settings (``progress`` off: inference shows one bar over images)."""
         shared = self.model_dump(include=set(SamplerSettings.model_fields))
-        return SamplingParams(**{**shared, "seed": self.seed + seed_offset, "progress": False})
+        return SamplingParams(**{**shared, "progress": False})
 
 
 class EvaluationParams(Strict):

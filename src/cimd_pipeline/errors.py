@@ -18,3 +18,7 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """One or more invalid parameters, all listed in the message before any work starts."""
+
+
+class SamplingError(RuntimeError):
+    """A sampler produced unusable output (NaN or inf); the message names model, method and steps."""

@@ -91,13 +91,18 @@ def find_images(source: Path) -> list[Path]:
 
 def output_folder(path: Path, source: Path, output: Path) -> Path:
     """``output/<path relative to the input folder, without its image suffix>``."""
-    relative = path.relative_to(source) if source.is_dir() else Path(path.name)
+    relative = Path(relative_name(path, source))
     name = relative.name
     for suffix in NIFTI + RASTER:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
     return output / relative.parent / name
+
+
+def relative_name(path: Path, source: Path) -> str:
+    """The input's path relative to the input folder (its file name when the input is a file)."""
+    return (path.relative_to(source) if source.is_dir() else Path(path.name)).as_posix()
 
 
 def load_image(path: Path, channels: int, slice_axis: int) -> InputImage:
@@ -174,10 +179,20 @@ def uncertainty_maps(binary: np.ndarray, size: tuple[int, int], alignment: Align
     )
 
 
+def slice_keys(name: str, count: int) -> list[str]:
+    """Noise-stream keys of an input's slices: its relative path, plus ``:<slice>`` for volumes.
+
+    Inference and the MLflow pyfunc key each image by the same name, so they draw the same
+    samples for the same image and seed, whatever else is sampled with it.
+    """
+    return [name] if count == 1 else [f"{name}:{j}" for j in range(count)]
+
+
 def sample_maps(
     net: nn.Module,
     trained: TrainedModel,
     slices: list[np.ndarray],
+    names: list[str],
     sampling: SamplingParams,
     device: torch.device,
 ) -> list[Maps]:
@@ -185,12 +200,15 @@ def sample_maps(
 
     Args:
         slices: per input, raw (S, C, H, W) intensities; inputs may differ in S, H and W.
+        names: per input, the key of its noise streams (its path relative to the input folder).
     """
     alignment = AlignmentParams.model_validate(trained.alignment)
     size = tuple(trained.image_size)
     prepared = [prepare(s, alignment, size) for s in slices]
     stacked = np.concatenate(prepared)
-    drawn = draw_ensembles(net, stacked, np.arange(len(stacked)).astype(str), sampling, device).binary
+    keys = [key for name, p in zip(names, prepared) for key in slice_keys(name, len(p))]
+    source = f"{trained.model.get('variant')} model {trained.source}"
+    drawn = draw_ensembles(net, stacked, np.asarray(keys), sampling, device, source).binary
     bounds = np.cumsum([0, *(len(p) for p in prepared)])
     return [
         uncertainty_maps(drawn[start:stop], s.shape[2:], alignment)
@@ -291,15 +309,16 @@ def run_inference(trained: TrainedModel, params: InferenceParams, device: torch.
     alignment = AlignmentParams.model_validate(trained.alignment)
     for path in files:
         load_image(path, trained.image_channels, alignment.slice_axis)
-    net = trained.build("trained model")
+    net = trained.build()
     logger.info(
         "inference on %d file(s) from %s, %d samples each, on %s", len(files), source, params.num_samples, device
     )
     images = (load_image(p, trained.image_channels, alignment.slice_axis) for p in files)
     rows = []
     with tqdm(total=len(files), desc="inference", unit="image", disable=not params.progress) as bar:
-        for number, chunk in enumerate(chunks(images, params.batch_size, params.num_samples)):
-            results = sample_maps(net, trained, [i.slices for i in chunk], params.sampling(number), device)
+        for chunk in chunks(images, params.batch_size, params.num_samples):
+            names = [relative_name(i.path, source) for i in chunk]
+            results = sample_maps(net, trained, [i.slices for i in chunk], names, params.sampling(), device)
             for image, maps in zip(chunk, results):
                 rows.append(write_outputs(image, maps, folders[image.path]))
             bar.update(len(chunk))

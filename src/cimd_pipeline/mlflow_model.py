@@ -12,6 +12,7 @@ training curves. Load it with ``mlflow.pyfunc.load_model(f"runs:/{run_id}/cimd_m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -42,16 +43,20 @@ class CIMDPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Load ``model.pt`` safely (``weights_only``) and build the network on the best device."""
         path = context.artifacts[ARTIFACT]
-        self.trained = TrainedModel.from_dict(load_checkpoint(path))
-        self.net = self.trained.build(path)
+        self.trained = TrainedModel.from_dict(load_checkpoint(path), source=path)
+        self.net = self.trained.build()
         self.device = select_device("auto")
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
         """Samples and maps for a batch of images of any in-plane size.
 
         Args:
-            model_input: float array (B, C, H, W) of raw intensities (or a dict holding it under
-                ``"images"``); normalisation and resizing are applied here as in training.
+            model_input: float array (B, C, H, W) of raw intensities, or a dict holding it under
+                ``"images"`` and optionally one name per image under ``"names"``; normalisation
+                and resizing are applied here as in training. An image's noise streams are keyed
+                by its name (the ``inference`` pipeline's relative path, ``<path>:<slice>`` for a
+                volume's slice), so both give the same samples for the same image and seed;
+                without names, by a digest of the image's values.
 
         Returns:
             ``samples`` uint8 (B, N, H, W); ``mean``, ``variance`` (of the binary samples) and
@@ -59,13 +64,19 @@ class CIMDPyfuncModel(mlflow.pyfunc.PythonModel):
         """
         images = model_input["images"] if isinstance(model_input, dict) else model_input
         images = np.asarray(images, dtype=np.float32)
+        names = model_input.get("names") if isinstance(model_input, dict) else None
         channels = self.trained.image_channels
         if images.ndim != 4 or images.shape[1] != channels:
             raise ValueError(f"expected images of shape (B, {channels}, H, W), got {images.shape}")
         if not np.isfinite(images).all():
             raise ValueError("images contain NaN or infinite intensities")
+        if names is None:
+            names = [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+        names = [str(name) for name in np.asarray(names).ravel()]
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images: give one name per image")
         sampling = SamplingParams.model_validate({**self.sampling, "progress": False})
-        maps = sample_maps(self.net, self.trained, [image[None] for image in images], sampling, self.device)
+        maps = sample_maps(self.net, self.trained, [image[None] for image in images], names, sampling, self.device)
         names = ("samples", "mean", "variance", "entropy")
         return {name: np.stack([getattr(m, name)[0] for m in maps]) for name in names}
 

@@ -4,7 +4,7 @@ The samplers know nothing of the network or of the conditioning image: they take
 `model_fn(x_t, t_original) -> model_out` closure, where `x_t` is (N, C, H, W), `t_original` is
 the (N,) int64 ORIGINAL training timestep (`diffusion.timestep_map[t]`) and `model_out` is
 (N, 2C, H, W) with learned variance or (N, C, H, W) without. All randomness comes from one
-`torch.Generator`, so a fixed seed reproduces the same masks.
+`torch.Generator` or from `RowGenerators` (one per row), so a fixed seed reproduces the same masks.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cimd_pipeline.diffusion.noise import Generator, randn
 from cimd_pipeline.diffusion.schedule import GaussianDiffusion, extract
 
 logger = logging.getLogger(__name__)
@@ -24,9 +25,9 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _METHODS = ("ddpm", "ddim")
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     """Standard normal noise shaped like `x`, drawn from `generator` on `x`'s device."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 def _nonzero_mask(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def ddpm_step(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     clip_denoised: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t).
@@ -69,7 +70,7 @@ def ddim_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     clip_denoised: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step (Song et al. 2021); `eta = 0` is deterministic, `eta = 1` DDPM-like.
@@ -105,7 +106,7 @@ def sample(
     shape: tuple[int, ...],
     method: str = "ddpm",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     noise: torch.Tensor | None = None,
@@ -120,7 +121,8 @@ def sample(
         method: "ddpm" (ancestral, uses the learned variance) or "ddim" (uses `eta`;
             `eta` is ignored by "ddpm").
         eta: DDIM stochasticity.
-        generator: torch generator on `device`; the only randomness used.
+        generator: torch generator on `device`, or `RowGenerators` (one stream per row, so a
+            row's sample does not depend on the batch); the only randomness used.
         device: where to sample; defaults to `noise`'s, then `generator`'s device.
         progress: show a tqdm bar over the steps.
         noise: optional (N, C, H, W) starting x_T instead of a fresh draw.
@@ -141,7 +143,7 @@ def sample(
         else:
             device = torch.device("cpu")
     if noise is None:
-        x = torch.randn(tuple(shape), generator=generator, device=device)
+        x = randn(shape, generator, device=device)
     else:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")

@@ -20,7 +20,8 @@ class TrainedModelDataset(AbstractDataset[TrainedModel, TrainedModel]):
         self.metadata = metadata
 
     def _load(self) -> TrainedModel:
-        return TrainedModel.from_dict(load_checkpoint(self._filepath, map_location=torch.device("cpu")))
+        data = load_checkpoint(self._filepath, map_location=torch.device("cpu"))
+        return TrainedModel.from_dict(data, source=str(self._filepath))
 
     def _save(self, data: TrainedModel) -> None:
         save_checkpoint(data.to_dict(), self._filepath)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cimd_pipeline.config import ModelParams, SamplingParams, Variant
+from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.diffusion import (
     GaussianDiffusion,
     PredictionType,
@@ -172,7 +173,7 @@ class CIMD(nn.Module):
         )
 
     @torch.no_grad()
-    def sample(self, image: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, image: Tensor, params: SamplingParams, generator: Generator = None) -> Tensor:
         """Soft masks (B, 1, H, W) in [-1, 1] for images (B, C, H, W); threshold at 0 for binary.
 
         ``ddpm`` is ancestral sampling with the learned variance, ``ddim`` the deterministic

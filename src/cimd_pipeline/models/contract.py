@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.diffusion.noise import Generator
 
 
 class Segmenter(Protocol):
@@ -31,6 +32,10 @@ class Segmenter(Protocol):
         """
         ...
 
-    def sample(self, image: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-        """One soft mask (B, 1, H, W) in [-1, 1] per image row; 0 is the binary threshold."""
+    def sample(self, image: Tensor, params: SamplingParams, generator: Generator = None) -> Tensor:
+        """One soft mask (B, 1, H, W) in [-1, 1] per image row; 0 is the binary threshold.
+
+        ``generator`` is the only source of randomness; with `RowGenerators` row i must draw
+        only from generator i, so that a row's mask does not depend on the rest of the batch.
+        """
         ...

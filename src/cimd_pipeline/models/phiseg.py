@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from cimd_pipeline.config import ModelParams, SamplingParams
+from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models.ambiguity import kl_divergence
 from cimd_pipeline.models.prob_unet import chosen_rater, gaussian_draw, soft_mask
 
@@ -199,7 +200,7 @@ class PHiSeg(nn.Module):
         return {"loss": loss.mean(), "bce": bce.mean(), "aux": aux.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
-    def sample(self, image: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, image: Tensor, params: SamplingParams, generator: Generator = None) -> Tensor:
         """One soft mask (B, 1, H, W) in [-1, 1] per image row, z drawn down the prior hierarchy.
 
         ``params`` is accepted for the common interface; steps and method do not apply.

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from cimd_pipeline.config import ModelParams, SamplingParams
+from cimd_pipeline.diffusion.noise import Generator, randn
 from cimd_pipeline.models.ambiguity import GaussianEncoder, kl_divergence
 from cimd_pipeline.models.cimd import pick_raters
 
@@ -39,9 +40,9 @@ def chosen_rater(masks: Tensor, valid: Tensor, generator: torch.Generator | None
     return masks[torch.arange(len(masks), device=masks.device), index].float()[:, None]
 
 
-def gaussian_draw(mean: Tensor, std: Tensor, generator: torch.Generator | None) -> Tensor:
+def gaussian_draw(mean: Tensor, std: Tensor, generator: Generator) -> Tensor:
     """``mean + std * eps`` with eps from ``generator`` (differentiable in mean and std)."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
     return mean + std * eps
 
 
@@ -137,7 +138,7 @@ class ProbUNet(nn.Module):
         return {"loss": loss.mean(), "bce": bce.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
-    def sample(self, image: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, image: Tensor, params: SamplingParams, generator: Generator = None) -> Tensor:
         """One soft mask (B, 1, H, W) in [-1, 1] per image row, z drawn from the prior.
 
         ``params`` is accepted for the common interface; steps and method do not apply.

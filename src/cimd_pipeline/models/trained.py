@@ -42,6 +42,7 @@ class TrainedModel:
         alignment: the ``alignment`` block (normalisation, resize mode) to apply to new images.
         state_dict: EMA weights.
         info: training facts (steps, seconds, device, fingerprint).
+        source: where it was loaded from (named in errors; not saved).
     """
 
     model: dict[str, Any]
@@ -50,15 +51,19 @@ class TrainedModel:
     alignment: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="trained model", compare=False)
 
     @property
     def params(self) -> ModelParams:
         return ModelParams.model_validate(self.model)
 
-    def build(self, source: object = "trained model") -> nn.Module:
-        """Rebuild the network and load the EMA weights strictly; returns it in eval mode."""
+    def build(self, source: object | None = None) -> nn.Module:
+        """Rebuild the network and load the EMA weights strictly; returns it in eval mode.
+
+        ``source`` names the weights in errors (default: the file it was loaded from).
+        """
         net = build_model(self.params, self.image_channels)
-        load_state_strict(net, self.state_dict, source)
+        load_state_strict(net, self.state_dict, source or self.source)
         return net.eval()
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +79,7 @@ class TrainedModel:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainedModel":
+    def from_dict(cls, data: dict[str, Any], source: str = "trained model") -> "TrainedModel":
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported model file format {data.get('format')!r}, expected {FORMAT_VERSION}")
         return cls(
@@ -84,4 +89,5 @@ class TrainedModel:
             alignment=data["alignment"],
             state_dict=data["state_dict"],
             info=data.get("info", {}),
+            source=source,
         )

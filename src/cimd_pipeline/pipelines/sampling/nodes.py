@@ -30,8 +30,9 @@ def sample_test_cases(
     if params.max_cases is not None and len(cases) > params.max_cases:
         cases = cases.take(params.max_cases)
     device = select_device(TrainingParams.model_validate(training).device)
-    net = trained_model.build("data/06_models/model.pt")
-    samples = draw_ensembles(net, cases.images, cases.cases["case_id"].to_numpy(), params, device)
+    net = trained_model.build()
+    source = f"{trained_model.model.get('variant')} model {trained_model.source}"
+    samples = draw_ensembles(net, cases.images, cases.cases["case_id"].to_numpy(), params, device, source)
     logger.info(
         "sampled %d masks (%s, %d steps) in %.1f s: %.1f masks/s",
         samples.binary.shape[0] * samples.binary.shape[1],

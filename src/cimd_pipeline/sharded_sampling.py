@@ -1,0 +1,105 @@
+"""Sampling shared out among worker processes (``sampling.num_processes``), one per GPU if any.
+
+Sampling 16-100 masks for every image of a large test set is embarrassingly parallel, but a
+single process leaves GPUs idle, and on one GPU a single process is launch-bound. The flat rows
+(image x ensemble member) are cut into the same batches as in one process and the batches are
+dealt out in contiguous blocks, so every batch is computed exactly as it would be in one process
+and, because every row draws from its own (seed, image key, member) noise stream, the merged
+samples are bit-identical whatever the process count. Workers are started with
+``torch.multiprocessing``'s spawn method (safe with CUDA and with threads); on a machine with
+GPUs worker p uses GPU p modulo their number, otherwise the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from cimd_pipeline.config import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def shard_batches(batches: Sequence[range], shards: int) -> list[list[range]]:
+    """Deal ``batches`` out in at most ``shards`` contiguous, non-empty blocks of near-equal size."""
+    bounds = np.linspace(0, len(batches), min(shards, len(batches)) + 1).round().astype(int)
+    return [list(batches[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def worker_device(device: torch.device, rank: int) -> torch.device:
+    """The device of worker ``rank``: GPU ``rank`` modulo the GPU count, else ``device`` itself."""
+    if device.type == "cuda":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+def _draw_shard(
+    net: nn.Module,
+    images: np.ndarray,
+    keys: list[str],
+    params: SamplingParams,
+    device: torch.device,
+    batches: list[range],
+    first_image: int,
+    source: str,
+    threads: int,
+) -> np.ndarray:
+    """Worker: soft masks of ``batches`` (rows of the whole set), in order."""
+    from cimd_pipeline.ensembles import draw_rows
+
+    torch.set_num_threads(threads)
+    net.to(device).eval()
+    parts = [draw_rows(net, images, keys, params, device, rows, source, first_image) for rows in batches]
+    return np.concatenate(parts)
+
+
+def draw_sharded(
+    net: nn.Module,
+    images: np.ndarray,
+    keys: np.ndarray,
+    params: SamplingParams,
+    device: torch.device,
+    batches: Sequence[range],
+    source: str,
+) -> np.ndarray:
+    """Soft masks float16 (rows, H, W) of all ``batches``, drawn by ``params.num_processes`` workers.
+
+    Each worker receives a CPU copy of ``net`` and only the images its rows need.
+    """
+    n = params.num_samples
+    shards = shard_batches(batches, params.num_processes)
+    threads = max(1, torch.get_num_threads() // len(shards))
+    cpu_net = net.to("cpu").eval()
+    jobs = []
+    for rank, shard in enumerate(shards):
+        first, last = shard[0].start // n, (shard[-1].stop - 1) // n
+        jobs.append((
+            cpu_net,
+            np.asarray(images[first : last + 1]),
+            [str(k) for k in keys[first : last + 1]],
+            params,
+            worker_device(device, rank),
+            shard,
+            first,
+            source,
+            threads,
+        ))
+    logger.info(
+        "sampling %d batches in %d processes (%s, %d thread(s) each)",
+        len(batches), len(shards), device.type, threads,
+    )
+    pool = mp.get_context("spawn").Pool(len(shards))
+    try:
+        parts = pool.starmap(_draw_shard, jobs)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return np.concatenate(parts)
