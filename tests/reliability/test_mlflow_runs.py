@@ -22,6 +22,7 @@ from cimd_pipeline.mlflow_runs import (
     owner_tags,
     process_start,
 )
+from tests.reliability.conftest import require_tool
 
 
 def _dead_pid() -> int:
@@ -107,3 +108,15 @@ def test_run_closed_by_the_pipeline_is_left_alone_at_exit(tracking):
     hook.after_pipeline_run(run_params={}, run_result={})
     hook._close_interrupted_run()  # a run the user opened before kedro stays theirs to close
     assert mlflow.active_run().info.run_id == run.info.run_id
+
+
+def test_missing_browser_or_database_tool_skips_locally_but_fails_in_ci(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        require_tool("chromium", "chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium not found"):
+        require_tool("chromium", "chromium")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    assert require_tool("chromium", "chromium") == "/usr/bin/chromium"
