@@ -22,10 +22,10 @@ BASE = {"model": {"variant": "cimd_aa"}, "training": {"seed": 0, "max_steps": 30
         (BASE, None, [], "cimd_aa · synthetic · seed 0 · 3000 steps"),
         (BASE, "test", ["__default__"], "cimd_aa · test/synthetic · seed 0 · 3000 steps"),
         ({**BASE, "model": {"variant": "phiseg"}, "training": {"seed": 2, "max_steps": 500}}, "base",
-         ["training", "sampling"], "phiseg · synthetic · seed 2 · 500 steps · training+sampling"),
+         ["training", "sampling"], "phiseg · synthetic · seed 2 · 500 steps · sampling+training"),
         ({**BASE, "ingestion": {"source": "lidc", "root": "data/01_raw/lidc"}}, "lidc", ["__default__"],
          "cimd_aa · lidc:lidc · seed 0 · 3000 steps"),
-        ({**BASE, "ingestion": {"source": "folders", "root": "/data/BU-BIL/"}}, "folders", ["__default__", "inference"],
+        ({**BASE, "ingestion": {"source": "folders", "root": "/data/BU-BIL/"}}, "folders", ["inference", "__default__"],
          "cimd_aa · folders:BU-BIL · seed 0 · 3000 steps · __default__+inference"),
     ],
 )

@@ -60,7 +60,7 @@ def run_name(params: Mapping[str, Any], env: str | None = None, pipelines: Seque
         f"{training.get('max_steps', '?')} steps",
     ]
     if list(pipelines) not in ([], ["__default__"]):
-        parts.append("+".join(pipelines))
+        parts.append("+".join(sorted(pipelines)))  # Kedro passes them in no fixed order
     return " · ".join(parts)
 
 
