@@ -163,7 +163,7 @@ def test_nan_loss_stops_training_without_overwriting_the_checkpoint(data, tmp_pa
             p.fill_(float("nan"))
     broken = fresh()
     broken.load_state_dict(net.state_dict())
-    with pytest.raises(FloatingPointError, match="at step"):
+    with pytest.raises(FloatingPointError, match="between steps 1 and 1; no checkpoint written by this run"):
         train(broken, data, params(max_steps=6, resume=False, checkpoint_every=1), tmp_path / "last.pt", "fp")
     kept = load_checkpoint(tmp_path / "last.pt")
     assert kept["step"] == 3

@@ -36,13 +36,14 @@ from cimd_pipeline.diffusion import (
     sample,
     space_timesteps,
 )
+from cimd_pipeline.models import draws
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, kl_divergence
 from cimd_pipeline.models.denoiser import ConditionalDenoiser
 
 
 def pick_raters(valid: Tensor, generator: torch.Generator | None) -> Tensor:
     """Index (B,) of one uniformly drawn valid rater per case, from bool ``valid`` (B, R)."""
-    return torch.multinomial(valid.float(), 1, generator=generator).squeeze(1)
+    return draws.pick_uniform(valid, generator)
 
 
 def target_masks(masks: Tensor, valid: Tensor, variant: Variant, generator: torch.Generator | None) -> Tensor:
@@ -106,8 +107,8 @@ class CIMD(nn.Module):
         """
         x0 = target_masks(masks, valid, self.variant, generator)
         scaled = x0 * self.params.input_scale
-        t = torch.randint(0, self.diffusion.num_timesteps, (len(x0),), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        t = draws.randint(self.diffusion.num_timesteps, (len(x0),), generator, x0.device)
+        noise = draws.randn(x0.shape, generator, x0.device)
         x_t = self.diffusion.q_sample(scaled, t, noise)
         condition = self._training_condition(x_t, image, t, generator)
         out = self.model_output(x_t, image, t, condition)

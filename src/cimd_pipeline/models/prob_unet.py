@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from cimd_pipeline.config import ModelParams, SamplingParams
-from cimd_pipeline.diffusion.noise import Generator, randn
+from cimd_pipeline.diffusion.noise import Generator
+from cimd_pipeline.models import draws
 from cimd_pipeline.models.ambiguity import GaussianEncoder, kl_divergence
 from cimd_pipeline.models.cimd import pick_raters
 
@@ -42,7 +43,7 @@ def chosen_rater(masks: Tensor, valid: Tensor, generator: torch.Generator | None
 
 def gaussian_draw(mean: Tensor, std: Tensor, generator: Generator) -> Tensor:
     """``mean + std * eps`` with eps from ``generator`` (differentiable in mean and std)."""
-    eps = randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
+    eps = draws.randn(mean.shape, generator, mean.device, mean.dtype)
     return mean + std * eps
 
 

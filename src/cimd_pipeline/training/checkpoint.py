@@ -22,7 +22,7 @@ from cimd_pipeline.io.atomic import atomic_write
 logger = logging.getLogger(__name__)
 
 # Version of the checkpoint layout; a checkpoint of another layout is refused, not misread.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 def run_settings(fingerprint: str, device: torch.device, params: Any) -> dict[str, Any]:

@@ -2,14 +2,20 @@
 
 Any ``nn.Module`` with the ``losses`` of `models.contract.Segmenter` trains here, so CIMD, its
 ablations and the baselines share data sampling, optimiser, EMA, checkpoints, resume, device
-choice and mixed precision. All randomness flows through one ``torch.Generator`` whose state is
-checkpointed: a run resumed after a kill reaches exactly the weights of an uninterrupted one on
-the same machine.
+choice and mixed precision. All randomness flows through two checkpointed generators, a CPU one
+for the batch indices and one on the device for the model's draws: a run resumed after a kill
+reaches exactly the weights of an uninterrupted one on the same machine.
+
+The step never waits for the device: indices come from the CPU generator, batches are copied
+asynchronously from pinned memory, and the loss terms are summed on the device and read (and
+checked for NaN/inf) only every ``log_every`` steps and before each checkpoint. On a GPU the host
+can then queue the next step's kernels while the current ones run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -101,10 +107,54 @@ class TrainResult:
 
 def _batch(data: AlignedSet, index: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
     order = np.sort(index)  # sorted reads are kind to memory-mapped arrays; order is irrelevant
-    image = torch.from_numpy(np.asarray(data.images[order], dtype=np.float32))
-    masks = torch.from_numpy(np.asarray(data.masks[order]))
-    valid = torch.from_numpy(np.asarray(data.rater_valid[order], dtype=bool))
-    return image.to(device), masks.to(device), valid.to(device)
+    tensors = (
+        torch.from_numpy(np.asarray(data.images[order], dtype=np.float32)),
+        torch.from_numpy(np.asarray(data.masks[order])),
+        torch.from_numpy(np.asarray(data.rater_valid[order], dtype=bool)),
+    )
+    if device.type == "cuda":  # a copy from pageable memory would wait for the device
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
+def index_seed(seed: int) -> int:
+    """Seed of the CPU generator of batch indices: another stream than the model's draws."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class LossWindow:
+    """Sums of the loss terms since the last logged step, kept on the device.
+
+    Adding is a device operation; `read` is the one host synchronisation, made every
+    ``log_every`` steps and before each checkpoint, and it refuses a non-finite loss.
+    """
+
+    def __init__(self, device: torch.device, saved: dict[str, float] | None = None) -> None:
+        self.device = device
+        saved = dict(saved or {})
+        self.count = int(saved.pop("count", 0))
+        self.names = list(saved)
+        self.sums = torch.tensor(list(saved.values()), device=device) if saved else None
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        stacked = torch.stack([value.detach().float() for value in terms.values()])
+        if self.sums is None:
+            self.names, self.sums = list(terms), stacked
+        else:
+            self.sums.add_(stacked)
+        self.count += 1
+
+    def read(self, first_step: int, step: int, kept: str) -> dict[str, float]:
+        """The sums as floats (with ``count``); FloatingPointError naming the steps if the loss is not finite."""
+        values = dict(zip(self.names, self.sums.tolist())) if self.sums is not None else {}
+        if "loss" in values and not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"training loss became {values['loss']} (summed) between steps {first_step} and {step}; {kept}"
+            )
+        return {**values, "count": float(self.count)}
+
+    def clear(self) -> None:
+        self.sums, self.count = None, 0
 
 
 def train(
@@ -140,34 +190,38 @@ def _train(
     ema = EMA(model, params.ema_decay, params.ema_warmup)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    indices = torch.Generator().manual_seed(index_seed(params.seed))
     generator = torch.Generator(device=device).manual_seed(params.seed)
     settings = run_settings(fingerprint, device, params)
-    step, history, window, seconds_before = 0, [], {}, 0.0
+    step, history, saved_window, seconds_before = 0, [], {}, 0.0
     if params.resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         check_resumable(state, settings, params.max_steps, checkpoint_path)
         load_state_strict(model, state["model"], checkpoint_path)
         load_state_strict(ema.shadow, state["ema"], checkpoint_path)
         optimiser.load_state_dict(state["optimiser"])
+        indices.set_state(state["index_generator"].cpu())
         generator.set_state(state["generator"].cpu())
-        step, history, window = int(state["step"]), list(state["history"]), dict(state["window"])
+        step, history, saved_window = int(state["step"]), list(state["history"]), dict(state["window"])
         seconds_before = float(state["seconds"])
         logger.info("resuming training from step %d (%s)", step, checkpoint_path)
-    resumed_from = step
+    resumed_from = saved_at = read_at = step
+    window = LossWindow(device, saved_window)
     use_bf16 = settings["precision"] == "bf16"
     started = time.perf_counter()
 
-    def checkpoint() -> None:
+    def checkpoint(window_values: dict[str, float]) -> None:
         save_checkpoint(
             {
                 **settings,
                 "model": model.state_dict(),
                 "ema": ema.shadow.state_dict(),
                 "optimiser": optimiser.state_dict(),
+                "index_generator": indices.get_state(),
                 "generator": generator.get_state(),
                 "step": step,
                 "history": history,
-                "window": window,
+                "window": window_values,
                 "seconds": seconds_before + time.perf_counter() - started,
             },
             checkpoint_path,
@@ -176,28 +230,31 @@ def _train(
     model.train()
     bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress, desc="training", unit="step")
     while step < params.max_steps:
-        index = torch.randint(0, len(data), (params.batch_size,), generator=generator, device=device)
-        image, masks, valid = _batch(data, index.cpu().numpy(), device)
+        index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
+        image, masks, valid = _batch(data, index.numpy(), device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             terms = model.losses(image, masks, valid, generator)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}; last checkpoint kept")
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         optimiser.step()
         ema.update(model, step)
         step += 1
-        for name, value in terms.items():
-            window[name] = window.get(name, 0.0) + float(value.detach())
-        window["count"] = window.get("count", 0.0) + 1
-        if step % params.log_every == 0 or step == params.max_steps:
-            count = window.pop("count")
-            history.append({"step": step, **{k: v / count for k, v in window.items()}})
-            window = {}
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if step % params.checkpoint_every == 0 or step == params.max_steps:
-            checkpoint()
+        window.add(terms)
+        log_due = step % params.log_every == 0 or step == params.max_steps
+        save_due = step % params.checkpoint_every == 0 or step == params.max_steps
+        if log_due or save_due:
+            kept = f"last checkpoint (step {saved_at}) kept" if saved_at else "no checkpoint written by this run"
+            values = window.read(read_at + 1, step, kept)
+            read_at = step
+            if log_due:
+                count = values.pop("count")
+                history.append({"step": step, **{k: v / count for k, v in values.items()}})
+                window.clear()
+                values = {}
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if save_due:
+                checkpoint(values)
+                saved_at = step
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - started
