@@ -42,16 +42,22 @@ log = logging.getLogger("mutation")
 
 # module -> (files mutated, relative to src/cimd_pipeline; the fast unit tests that pin them)
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "metrics": (("metrics.py",), ("tests/test_metrics.py",)),
+    "metrics": (("metrics.py",), ("tests/test_metrics.py", "tests/test_metrics_inputs.py")),
     "ensembles": (("ensembles.py",), ("tests/test_ensembles.py",)),
-    "ambiguity": (("models/ambiguity.py",), ("tests/models/test_ambiguity.py",)),
-    "cimd": (("models/cimd.py",), ("tests/models/test_cimd.py", "tests/models/test_training_targets.py")),
+    "ambiguity": (
+        ("models/ambiguity.py",),
+        ("tests/models/test_ambiguity.py", "tests/models/test_ambiguity_edges.py"),
+    ),
+    "cimd": (
+        ("models/cimd.py",),
+        ("tests/models/test_cimd.py", "tests/models/test_training_targets.py", "tests/models/test_cimd_recipe.py"),
+    ),
     "diffusion": (
         ("diffusion/__init__.py", "diffusion/losses.py", "diffusion/respace.py",
          "diffusion/samplers.py", "diffusion/schedule.py"),
         ("tests/diffusion",),
     ),
-    "loop": (("training/loop.py",), ("tests/training/test_loop.py",)),
+    "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_resume_rules.py")),
     "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py",)),
 }
 # Detected: the tests failed (killed, pytest error), ran past mutmut's limit (timeout) or crashed.
@@ -229,9 +235,12 @@ def table(results: list[ModuleResult], children: int) -> str:
 
 
 def mutmut_version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version("mutmut")
+    try:
+        return version("mutmut")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def survivors_text(results: list[ModuleResult]) -> str:
