@@ -48,7 +48,9 @@ class AlignmentParams(Strict):
     binarise_threshold: float | None = None
     slice_axis: int = Field(2, ge=0, le=2)
     empty_slice_share: float = Field(0.1, ge=0, le=1)
-    split: SplitFractions = SplitFractions()
+    # "auto": the train/val/test folders of the data where every case has one, else a seeded
+    # split by patient at 0.7/0.1/0.2; fractions: always the seeded split (data/splits.py)
+    split: Literal["auto"] | SplitFractions = "auto"
     seed: int = 0
 
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
+from cimd_pipeline.data.splits import assign_splits
 from cimd_pipeline.data.alignment import (
     Normalisation,
     ResizeMode,
     align_cases,
-    assign_splits,
     binarise,
     fit_to_size,
     normalise,

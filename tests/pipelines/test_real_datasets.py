@@ -48,14 +48,16 @@ def write_lidc(root: Path) -> None:
 
 
 def write_folders(root: Path, mask_scale: int = 255) -> None:
-    """HPU-Net crops: <split>/images/<patient>/<id>.png, <split>/gt/<patient>/<id>_l<k>.png."""
+    """HPU-Net crops: <split>/images/<patient>/<id>.png, <split>/gt/<patient>/<id>_l<k>.png,
+    one patient of two crops in each of train/, val/ and test/ (the splits the release ships)."""
     rng = np.random.default_rng(1)
     for i in range(6):
         patient, crop = f"LIDC-IDRI-{i // 2:04d}", f"z-{i}.0_c0"
+        split = ("train", "val", "test")[i // 2]
         files = [("images", crop, (rng.random((32, 32)) * 255).astype(np.uint8))]
         files += [("gt", f"{crop}_l{r}", blob((32, 32), 2 + 2 * r, mask_scale)) for r in range(4)]
         for kind, name, array in files:
-            path = root / "train" / kind / patient / f"{name}.png"
+            path = root / split / kind / patient / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(path)
 
@@ -121,6 +123,8 @@ def test_environment_produces_the_canonical_aligned_set(project: Path, tmp_path:
     splits = data.cases.groupby("group_id")["split"].nunique()
     assert (splits == 1).all(), "a group landed in two splits"
     assert set(data.cases["split"]) == {"train", "val", "test"}
+    if env == "folders":  # the release's own split folders are kept
+        assert (data.cases["split"] == data.cases["case_id"].str.split("/").str[0]).all()
 
 
 def run_in_process(root: Path, work: Path, reader: dict, threshold: float | None = None) -> None:
@@ -156,7 +160,7 @@ def test_non_binary_masks_without_threshold_stop_alignment(tmp_path: Path):
 def test_a_bad_file_keeps_the_previous_dataset(tmp_path: Path):
     write_folders(tmp_path / "raw")
     run_in_process(tmp_path / "raw", tmp_path / "work", FOLDERS_READER)
-    broken = tmp_path / "raw/train/gt/LIDC-IDRI-0002/z-5.0_c0_l3.png"
+    broken = tmp_path / "raw/test/gt/LIDC-IDRI-0002/z-5.0_c0_l3.png"
     broken.write_bytes(broken.read_bytes()[:40])
     # the reader's error surfaces while the catalog saves the stream, wrapped by Kedro
     with pytest.raises(DatasetError, match=r"z-5\.0_c0_l3\.png: unreadable image file"):

@@ -6,7 +6,7 @@ inference path can apply exactly the same image transform as training did.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from enum import Enum
 
@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cimd_pipeline.data.aligned import SPLITS, AlignedSet
+from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.splits import choose_splits
 from cimd_pipeline.errors import DataError
 
 
@@ -116,29 +117,6 @@ def normalise(image: np.ndarray, mode: Normalisation) -> np.ndarray:
     return (image - centre[:, None, None]) / np.maximum(scale, 1e-6)[:, None, None]
 
 
-def assign_splits(group_ids: Iterable[str], fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Split by group so no patient lands in two splits; returns one split name per case.
-
-    Groups are shuffled with ``seed`` and dealt out until each split holds its fraction of the
-    *cases*; every split with a positive fraction gets at least one group when there are enough.
-    """
-    groups = pd.Series(list(group_ids), dtype=str)
-    sizes = groups.value_counts(sort=False)
-    order = np.random.default_rng(seed).permutation(sizes.index.to_numpy())
-    names = [s for s in SPLITS if fractions.get(s, 0) > 0]
-    total = float(sum(fractions[s] for s in names))
-    targets = np.cumsum([fractions[s] / total * len(groups) for s in names])
-    assignment, filled, current = {}, 0, 0
-    for position, group in enumerate(order):
-        remaining_groups = len(order) - position
-        remaining_splits = len(names) - current - 1
-        if current < len(names) - 1 and (filled >= targets[current] or remaining_groups <= remaining_splits):
-            current += 1
-        assignment[group] = names[current]
-        filled += int(sizes[group])
-    return groups.map(assignment).to_numpy()
-
-
 def align_cases(
     cases: Iterable[Case],
     size: tuple[int, int],
@@ -164,8 +142,9 @@ def align_cases(
             )
 
 
-def stack_cases(aligned: Iterable[Case], fractions: dict[str, float], seed: int) -> AlignedSet:
-    """Stack aligned 2-D cases into an `AlignedSet` and assign group-level splits."""
+def stack_cases(aligned: Iterable[Case], split: str | Mapping[str, float], seed: int) -> AlignedSet:
+    """Stack aligned 2-D cases into an `AlignedSet` and assign splits (``"auto"``: the ones the
+    data came with where every case has one, else by group; fractions: by group)."""
     cases = list(aligned)
     if not cases:
         raise DataError("mask_alignment", "empty dataset after slicing and filtering")
@@ -191,5 +170,5 @@ def stack_cases(aligned: Iterable[Case], fractions: dict[str, float], seed: int)
             for c in cases
         ]
     )
-    table.insert(2, "split", assign_splits(table["group_id"], fractions, seed))
+    table.insert(2, "split", choose_splits(table, split, seed))
     return AlignedSet(np.stack([c.image for c in cases]), masks, valid, table, oracle)

@@ -13,6 +13,10 @@ import numpy as np
 
 from cimd_pipeline.errors import DataError
 
+# meta key of the split a reader found in the case's path (train/val/test folders of a release);
+# `mask_alignment` keeps these splits when every case has one (alignment.split: auto)
+GIVEN_SPLIT = "given_split"
+
 
 @dataclass
 class Case:
@@ -25,7 +29,7 @@ class Case:
         masks: (R, *S) rater masks on the image grid; binary or soft (binarised in alignment).
         rater_valid: bool (R,), False where a rater did not annotate this case.
         oracle: optional (K, *S) fresh draws from the true rater model (synthetic data only).
-        meta: free per-case metadata kept in the manifest (family, source file, ...).
+        meta: free per-case metadata kept in the manifest (family, source file, given split ...).
     """
 
     case_id: str

@@ -137,7 +137,8 @@ def test_mask_without_image_per_case(tmp_path: Path):
 def test_rater_masks_of_different_shapes(tmp_path: Path):
     folder = cimd_case(tmp_path, 1)
     bad = save(folder / "label2_1.jpg", disk((30, 32), 6) * 255, quality=75)
-    problem = r"rater mask shape \(30, 32\) differs from label0_1"
+    image = re.escape(str(folder / "image_1.jpg"))
+    problem = rf"rater mask shape \(30, 32\) differs from the image {image}'s \(32, 32\)"
     with pytest.raises(DataError, match=names(bad, problem)):
         read(tmp_path, **CIMD)
 
@@ -201,3 +202,102 @@ def test_two_images_for_one_flat_case(tmp_path: Path):
     save(tmp_path / "a_l0.png", disk((32, 32), 4))
     with pytest.raises(DataError, match=names(second, "second image for case 'a'")):
         read(tmp_path, pattern="*")
+
+
+# the `folders` environment's defaults (conf/folders/parameters_data_ingestion.yml)
+ENV = {**HPUNET, "group_regex": r"([^/]+)/[^/]+$|^([^/]+)$"}
+
+
+def test_per_case_missing_rater_keeps_the_others_in_their_slots(tmp_path: Path):
+    cimd_case(tmp_path, 1)
+    folder = cimd_case(tmp_path, 2)
+    (folder / "label1_2.jpg").unlink()
+    first, second = read(tmp_path, **CIMD)
+    assert first.rater_valid.tolist() == [True] * 4
+    assert second.rater_valid.tolist() == [True, False, True, True]
+    assert second.masks.shape == (4, 32, 32) and not second.masks[1].any()
+    for rater in (0, 2, 3):  # rater 2's mask stays rater 2's, not moved up to slot 1
+        truth = disk((32, 32), 5 + rater)
+        assert ((second.masks[rater] & truth).sum() / (second.masks[rater] | truth).sum()) > 0.95
+
+
+def test_flat_missing_rater_keeps_the_others_in_their_slots(tmp_path: Path):
+    hpunet_tree(tmp_path)
+    (tmp_path / "train/gt/LIDC-IDRI-0002/z-100.0_c0_l0.png").unlink()
+    case = read(tmp_path, **HPUNET)[2]
+    assert case.case_id == "train/LIDC-IDRI-0002/z-100.0_c0"
+    assert case.rater_valid.tolist() == [False, True, True, True]
+    np.testing.assert_array_equal(case.masks[3] > 0, disk((32, 32), 7))
+
+
+def test_two_masks_of_one_rater_in_a_case(tmp_path: Path):
+    folder = cimd_case(tmp_path, 1)
+    second = save(folder / "label2_copy.jpg", disk((32, 32), 6) * 255, quality=75)
+    with pytest.raises(DataError, match=names(second, r"second mask of rater '2' in this case \(first: label2_1\.jpg")):
+        read(tmp_path, **CIMD)
+    problem = re.escape("no rater name in the file name (rater_regex " + repr(r"rater_(\d+)") + ")")
+    with pytest.raises(DataError, match=names(folder / "label0_1.jpg", problem)):
+        read(tmp_path, **CIMD, rater_regex=r"rater_(\d+)")
+
+
+def test_plain_flat_folder_reads_with_the_environment_defaults(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    for name in ("0001", "0002"):
+        save(tmp_path / f"{name}.png", scan(rng))
+        for rater in range(4):
+            save(tmp_path / f"{name}_l{rater}.png", disk((32, 32), 3 + rater) * 255)
+    cases = read(tmp_path, **ENV)
+    assert [(c.case_id, c.group_id, c.masks.shape[0]) for c in cases] == [("0001", "0001", 4), ("0002", "0002", 4)]
+    assert "given_split" not in cases[0].meta
+
+
+def test_no_images_error_says_what_the_folder_holds(tmp_path: Path):
+    for k in range(3):
+        save(tmp_path / f"{k}.jpg", scan(np.random.default_rng(k)))
+    problem = r"no images found matching ingestion.reader.pattern '\*\*/\*\.png'; the folder holds 3 \.jpg files"
+    with pytest.raises(DataError, match=names(tmp_path, problem)):
+        read(tmp_path, **ENV)
+
+
+def cimd_authors_tree(root: Path, training: int = 4, testing: int = 2) -> None:
+    """``data/training/<n>/image_<n+1>.jpg`` + ``label0_.jpg`` ... ``label3_.jpg``, and testing/."""
+    rng = np.random.default_rng(4)
+    for split, count in (("training", training), ("testing", testing)):
+        for n in range(count):
+            folder = root / split / str(n)
+            save(folder / f"image_{n + 1}.jpg", scan(rng), quality=90)
+            for rater in range(4):
+                save(folder / f"label{rater}_.jpg", disk((32, 32), 4 + rater) * 255, quality=90)
+
+
+def test_split_folders_are_read_from_the_path(tmp_path: Path, caplog):
+    cimd_authors_tree(tmp_path)
+    with caplog.at_level("WARNING"):
+        cases = read(tmp_path, **ENV, layout="per_case", case_glob="*/*")
+    assert [(c.case_id, c.meta["given_split"]) for c in cases] == [
+        *[(f"testing/{n}", "test") for n in range(2)],
+        *[(f"training/{n}", "train") for n in range(4)],
+    ]
+    assert cases[0].rater_valid.all() and cases[0].masks.shape[0] == 4
+    # the environment's patient regex finds "training": one group holds 4 of 6 cases
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    message = record.getMessage()
+    assert "group_regex '([^/]+)/[^/]+$|^([^/]+)$' puts 4 of 6 cases into one group 'training'" in message
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read(tmp_path, **{**ENV, "group_regex": None}, layout="per_case", case_glob="*/*")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_hpunet_split_folders_any_case(tmp_path: Path):
+    hpunet_tree(tmp_path)
+    (tmp_path / "val").rename(tmp_path / "Validation")
+    cases = read(tmp_path, **HPUNET)
+    given = {c.case_id.split("/")[0]: c.meta["given_split"] for c in cases}
+    assert given == {"train": "train", "Validation": "val"}
+
+
+def test_a_path_naming_two_splits_is_refused(tmp_path: Path):
+    folder = cimd_case(tmp_path / "train" / "test", 1)
+    with pytest.raises(DataError, match=names(folder, r"path names two splits \(test, train\)")):
+        read(tmp_path, **CIMD, case_glob="*/*/*")

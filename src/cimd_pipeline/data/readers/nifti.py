@@ -27,9 +27,17 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from pydantic import BaseModel, ConfigDict
 
-from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.cases import GIVEN_SPLIT, Case
 from cimd_pipeline.data.grid import resample_to_grid, same_grid
-from cimd_pipeline.data.readers.folders import Regex, data_files, group_of, natural_key, require_root
+from cimd_pipeline.data.readers.common import (
+    Regex,
+    data_files,
+    given_split,
+    group_of,
+    natural_key,
+    require_root,
+    warn_dominant_group,
+)
 from cimd_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +93,10 @@ def _read(root: Path | None, options: dict[str, Any], source: str) -> Iterator[C
     cases = _collect(root, opts)
     if not cases:
         raise DataError(root, "no NIfTI images found (no file matches the modality patterns)")
+    groups = {key: group_of(key, opts.group_regex, next(iter(f.values()))) for key, (f, _) in cases.items()}
+    warn_dominant_group(groups, opts.group_regex, root)
     logger.info("%s: %d %s cases", root, len(cases), source)
-    return (_case(key, files, masks, opts) for key, (files, masks) in cases.items())
+    return (_case(root, key, files, masks, groups[key], opts) for key, (files, masks) in cases.items())
 
 
 def _case_key(root: Path, path: Path, regex: str | None) -> str | None:
@@ -196,7 +206,9 @@ def _on_grid(
     return resample_to_grid(data, affine, shape, grid_affine, order=order, source=path)
 
 
-def _case(key: str, files: dict[str, Path], mask_paths: list[Path], opts: NiftiOptions) -> Case:
+def _case(
+    root: Path, key: str, files: dict[str, Path], mask_paths: list[Path], group: str, opts: NiftiOptions
+) -> Case:
     """Stack modalities and masks on the first modality's grid; 2-D files give a 2-D case."""
     paths = list(files.values())
     reference, affine, flat = load_volume(paths[0], opts.reorient, is_mask=False)
@@ -207,12 +219,16 @@ def _case(key: str, files: dict[str, Path], mask_paths: list[Path], opts: NiftiO
     stacked = np.stack(masks) if masks else np.zeros((0, *reference.shape), np.uint8)
     if flat:
         image, stacked = image[..., 0], stacked[..., 0]
+    meta = {"source": str(paths[0]), "modalities": ",".join(files)}
+    split = given_split(paths[0].relative_to(root).parts[:-1], paths[0])
+    if split is not None:
+        meta[GIVEN_SPLIT] = split
     case = Case(
         case_id=key,
-        group_id=group_of(key, opts.group_regex, paths[0]),
+        group_id=group,
         image=image,
         masks=stacked,
         rater_valid=np.ones(len(masks), dtype=bool),
-        meta={"source": str(paths[0]), "modalities": ",".join(files)},
+        meta=meta,
     )
     return case.validate(paths[0])

@@ -29,7 +29,8 @@ def align_dataset(cases: Iterable[Case], alignment: dict[str, Any]) -> AlignedSe
         empty_slice_share=p.empty_slice_share,
         seed=p.seed,
     )
-    return stack_cases(aligned, p.split.model_dump(), p.seed)
+    split = p.split if isinstance(p.split, str) else p.split.model_dump()
+    return stack_cases(aligned, split, p.seed)
 
 
 def report_agreement(data: AlignedSet) -> tuple[pd.DataFrame, dict[str, dict[str, float]], Figure]:
