@@ -150,7 +150,7 @@ FOLDERS_READER = {"images_folder": "images", "masks_folder": "gt", "group_regex"
 
 def test_non_binary_masks_without_threshold_stop_alignment(tmp_path: Path):
     write_folders(tmp_path / "raw", mask_scale=128)  # soft 0/128 PNG masks
-    problem = r"z-0\.0_c0\.png: non-binary rater masks \(values 0, 128\).*binarise_threshold"
+    problem = r"z-\d\.0_c0\.png: non-binary rater masks \(values 0, 128\).*binarise_threshold"
     with pytest.raises(DataError, match=problem):
         run_in_process(tmp_path / "raw", tmp_path / "work", FOLDERS_READER)
     run_in_process(tmp_path / "raw", tmp_path / "work", FOLDERS_READER, threshold=64)
