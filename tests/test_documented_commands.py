@@ -52,6 +52,7 @@ TINY_BLOCKS = ("model", "training", "sampling", "evaluation", "inference")
 # even smaller than conf/test: two dozen runs share the test's time budget
 SMALLER = {
     "ingestion": {"synthetic": {"num_cases": 16}},
+    "model": {"unet": {"attention_levels": [False, False]}},  # no attention on 64x64 grids
     "training": {"max_steps": 3, "checkpoint_every": 3, "log_every": 3},
     "sampling": {"num_samples": 2, "steps": 2},
     "evaluation": {"figure_cases": 1},
