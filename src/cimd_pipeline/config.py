@@ -349,7 +349,8 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
                 f"sampling.steps: {sampling.steps} exceeds model.num_timesteps={model.num_timesteps}"
             )
     if isinstance(sampling, SamplingParams) and isinstance(alignment, AlignmentParams):
-        if getattr(alignment.split, sampling.split) <= 0:
+        fractions = alignment.split  # "auto" checks at alignment, when the data's splits are known
+        if isinstance(fractions, SplitFractions) and getattr(fractions, sampling.split) <= 0:
             problems.append(
                 f"sampling.split: {sampling.split!r} is empty because alignment.split.{sampling.split} is 0"
             )
