@@ -66,3 +66,19 @@ def test_both_ci_readings_reach_the_summary_and_mlflow():
     for key in ("ci", "ci_hm", "ci_var", "ci_hm_var", "d_a", "d_a_var"):
         want = np.mean([s[key] for s in scores])
         assert summary[key] == pytest.approx(want) and metrics[key]["value"] == pytest.approx(want), key
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_ged_oracle_uses_exactly_min_of_oracle_draws_and_samples_and_says_so(n, caplog):
+    rng = np.random.default_rng(3)
+    data = _data(rng)
+    data.oracle = (rng.random((len(data), 4, 6, 6)) < 0.3).astype(np.uint8)  # 4 fresh true draws
+    with caplog.at_level("INFO", logger="cimd_pipeline.scoring"):
+        summary, per_case, _ = evaluate_samples(_samples(rng, data, n), data, _model())
+    used = min(n, 4)
+    want = [ged(data.oracle[i, :used], _raters(data, i)) for i in range(len(data))]
+    assert per_case["ged_oracle"].to_numpy() == pytest.approx(want)
+    assert list(per_case["ged_oracle_samples"]) == [used] * len(data) and summary["ged_oracle_samples"] == used
+    record = next(r for r in caplog.records if "ged_oracle" in r.getMessage())
+    assert f"from {used} oracle draws per case against GED from {n} samples" in record.getMessage()
+    assert record.levelname == ("WARNING" if used < n else "INFO")

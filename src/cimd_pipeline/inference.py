@@ -2,7 +2,8 @@
 
 A trained model is only useful on new images if they go through exactly the pre-processing it was
 trained with, so every step here reuses the training code: the folder reader's PNG/JPEG decoding,
-the NIfTI reader's RAS+ reorientation and slicing along ``alignment.slice_axis``, and
+the NIfTI reader's RAS+ reorientation (when the reader options stored with the model say so) and
+slicing along ``alignment.slice_axis``, and
 `fit_to_size` + `normalise` with the alignment block stored in the model file. Samples are drawn
 at the model's size and resized back to the input's in-plane size, and the maps are computed from
 the resized binary samples so that mean and variance agree exactly with the masks written.
@@ -105,9 +106,13 @@ def relative_name(path: Path, source: Path) -> str:
     return (path.relative_to(source) if source.is_dir() else Path(path.name)).as_posix()
 
 
-def load_image(path: Path, channels: int, slice_axis: int) -> InputImage:
-    """Read one file as (S, C, H, W) slices, refusing unreadable files, NaN and wrong channels."""
-    image = _load_nifti(path, slice_axis) if is_nifti(path) else _load_raster(path, channels)
+def load_image(path: Path, channels: int, slice_axis: int, reorient: bool = True) -> InputImage:
+    """Read one file as (S, C, H, W) slices, refusing unreadable files, NaN and wrong channels.
+
+    ``reorient``: turn 3-D NIfTI volumes RAS+ before slicing, as the training reader did (the
+    ``reorient`` option stored with the model; models trained on 2-D images leave it on).
+    """
+    image = _load_nifti(path, slice_axis, reorient) if is_nifti(path) else _load_raster(path, channels)
     if image.slices.shape[1] != channels:
         problem = f"{image.slices.shape[1]} channel(s), but the model was trained on {channels}"
         raise DataError(path, problem)
@@ -122,8 +127,8 @@ def _load_raster(path: Path, channels: int) -> InputImage:
     return InputImage(path, read_image(path, "rgb" if channels == 3 else "gray")[None])
 
 
-def _load_nifti(path: Path, slice_axis: int) -> InputImage:
-    """(X, Y[, Z[, C]]) NIfTI → slices; 3-D volumes are turned RAS+ first, as the reader does."""
+def _load_nifti(path: Path, slice_axis: int, reorient: bool) -> InputImage:
+    """(X, Y[, Z[, C]]) NIfTI → slices; 3-D volumes are turned RAS+ first when ``reorient``."""
     try:
         nifti = nib.load(path)
         data = nifti.get_fdata(dtype=np.float32)
@@ -141,13 +146,15 @@ def _load_nifti(path: Path, slice_axis: int) -> InputImage:
             return maps[0].reshape(*spatial, *maps.shape[3:])
 
         return InputImage(path, slices, nifti, unflatten)
-    orientation = io_orientation(nifti.affine)
-    back = ornt_transform(axcodes2ornt("RAS"), orientation)
-    ras = apply_orientation(volume, orientation)  # (X', Y', Z', C)
-    slices = np.moveaxis(np.moveaxis(ras, 3, 0), slice_axis + 1, 0)  # (S, C, H, W)
+    orientation = io_orientation(nifti.affine) if reorient else None
+    oriented = apply_orientation(volume, orientation) if reorient else volume  # (X', Y', Z', C)
+    slices = np.moveaxis(np.moveaxis(oriented, 3, 0), slice_axis + 1, 0)  # (S, C, H, W)
 
     def to_grid(maps: np.ndarray) -> np.ndarray:
-        return apply_orientation(np.moveaxis(maps, 0, slice_axis), back)
+        maps = np.moveaxis(maps, 0, slice_axis)
+        if orientation is None:
+            return maps
+        return apply_orientation(maps, ornt_transform(axcodes2ornt("RAS"), orientation))
 
     return InputImage(path, np.ascontiguousarray(slices), nifti, to_grid)
 
@@ -307,13 +314,14 @@ def run_inference(trained: TrainedModel, params: InferenceParams, device: torch.
             raise DataError(path, f"{writers[folder].name} would write to the same {folder}: rename one")
         writers[folder] = path
     alignment = AlignmentParams.model_validate(trained.alignment)
+    reorient = bool(trained.reader.get("reorient", True))
     for path in files:
-        load_image(path, trained.image_channels, alignment.slice_axis)
+        load_image(path, trained.image_channels, alignment.slice_axis, reorient)
     net = trained.build()
     logger.info(
         "inference on %d file(s) from %s, %d samples each, on %s", len(files), source, params.num_samples, device
     )
-    images = (load_image(p, trained.image_channels, alignment.slice_axis) for p in files)
+    images = (load_image(p, trained.image_channels, alignment.slice_axis, reorient) for p in files)
     rows = []
     with tqdm(total=len(files), desc="inference", unit="image", disable=not params.progress) as bar:
         for chunk in chunks(images, params.batch_size, params.num_samples):

@@ -2,7 +2,10 @@
 
 On the synthetic benchmark each case also carries fresh draws from its true rater model; their
 GED against the same raters (``ged_oracle``) is the floor a perfect model reaches with the same
-N and R, printed beside the model's GED so that "0.2" can be read as good or bad.
+N and R, printed beside the model's GED so that "0.2" can be read as good or bad. It uses the
+first N oracle draws; when fewer were generated (``ingestion.synthetic.oracle_samples`` < N) it
+uses them all, says so in the log, and ``ged_oracle_samples`` records the exact count (GED
+grows as the count shrinks, so such a floor is too high).
 """
 
 from __future__ import annotations
@@ -55,7 +58,12 @@ def score_samples(
             oracle = torch.as_tensor(np.asarray(data.oracle[index])[:, :n], device=device)
             for score, truth in zip(scores, evaluate_batch(oracle, raters, valid)):
                 score["ged_oracle"] = truth["ged"]
+                score["ged_oracle_samples"] = oracle.shape[1]
         records.extend(scores)
+    if data.oracle is not None:
+        drawn = min(n, int(data.oracle.shape[1]))
+        log = logger.warning if drawn < n else logger.info
+        log("ged_oracle from %d oracle draws per case against GED from %d samples", drawn, n)
     table = data.cases.iloc[rows].reset_index(drop=True).drop(columns=["split"], errors="ignore")
     return pd.concat([table, pd.DataFrame(records)], axis=1)
 
@@ -66,6 +74,8 @@ def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
     for optional in ("ged16", "ged_oracle"):
         if optional in per_case:
             summary[optional] = float(per_case[optional].mean())
+    if "ged_oracle_samples" in per_case:
+        summary["ged_oracle_samples"] = int(per_case["ged_oracle_samples"].min())
     if "family" in per_case:
         for family, group in per_case.groupby("family"):
             for k in ("ged", "hm_iou", "dice_max", "ci", "ci_var"):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from cimd_pipeline.diffusion.schedule import (
     GaussianDiffusion,
@@ -42,6 +44,32 @@ def test_extract_broadcasts_float32_per_sample():
     out = extract(BETAS, t, SHAPE)
     assert out.shape == SHAPE and out.dtype == torch.float32
     torch.testing.assert_close(out[:, 0, 3, 2], torch.tensor(BETAS[[0, 999, 5, 5]]).float())
+
+
+class _TensorsMade(TorchDispatchMode):
+    """Records (op, device type, dtype) of every tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[str, str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor):
+                self.made.append((str(func), x.device.type, x.dtype))
+        return out
+
+
+def test_extract_makes_no_float64_tensor_off_the_cpu():
+    """MPS has no float64: the lookup must cast on the CPU. The meta device stands in for any
+    accelerator, so this runs (and fails for a device-side float64 table) on every machine."""
+    t = torch.tensor([0, 999, 5], device="meta")
+    with _TensorsMade() as record:
+        out = extract(BETAS, t, (3, 1, 4, 4))
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    off_cpu = [(op, dtype) for op, device, dtype in record.made if device != "cpu"]
+    assert off_cpu and all(dtype != torch.float64 for _, dtype in off_cpu), off_cpu
 
 
 @pytest.mark.parametrize("t", [0, 10, 500, 999])

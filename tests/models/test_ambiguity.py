@@ -182,3 +182,33 @@ def test_kl_rejects_mismatched_dimensions_and_other_families():
     laplace = D.Independent(D.Laplace(torch.zeros(2, 3), torch.ones(2, 3)), 1)
     with pytest.raises(TypeError, match=r"Independent\(Laplace, 1\)"):
         kl_divergence(laplace, _random_full(2, 3))
+
+
+@pytest.mark.parametrize("covariance", list(Covariance))
+def test_scales_are_floored_so_extreme_heads_keep_the_kl_finite(covariance):
+    """exp(raw) would give sigma = 0 at raw = -200 and inf at raw = 100 in float32 (KL inf/NaN)."""
+    posterior = GaussianEncoder(IN_CHANNELS, latent_dim=6, covariance=covariance)
+    prior = GaussianEncoder(IN_CHANNELS, latent_dim=6, covariance=covariance)
+    with torch.no_grad():
+        for encoder, raw in ((posterior, -200.0), (prior, 100.0)):
+            encoder.head.weight.zero_()
+            encoder.head.bias.fill_(raw)
+            encoder.head.bias[:6] = 0.0  # the means
+    x = torch.randn(BATCH, IN_CHANNELS, 32, 32)
+    q, p = posterior(x), prior(x)
+    for dist, low, high in ((q, 1e-5, 2e-5), (p, 100.5, 100.6)):  # softplus(raw + 0.5413) + 1e-5
+        scale = dist.base_dist.scale if covariance is Covariance.DIAGONAL else dist.scale_tril.diagonal(dim1=-2, dim2=-1)
+        assert ((scale >= low) & (scale <= high)).all(), scale
+    kl = kl_divergence(q, p)
+    assert torch.isfinite(kl).all() and (kl > 0).all()
+
+
+def test_diagonal_and_full_scales_agree_for_the_same_raw_values():
+    diagonal = GaussianEncoder(IN_CHANNELS, latent_dim=1, covariance=Covariance.DIAGONAL)
+    full = GaussianEncoder(IN_CHANNELS, latent_dim=1, covariance=Covariance.FULL)
+    with torch.no_grad():
+        for encoder in (diagonal, full):
+            encoder.head.weight.zero_()
+            encoder.head.bias.copy_(torch.tensor([0.3, -1.5]))
+    x = torch.randn(BATCH, IN_CHANNELS, 32, 32)
+    torch.testing.assert_close(diagonal(x).base_dist.scale, full(x).scale_tril[:, :, 0])

@@ -153,8 +153,12 @@ def extract(table: np.ndarray | torch.Tensor, t: torch.Tensor, shape) -> torch.T
 
     Returns:
         float32 tensor of `shape` on `t.device`, constant over all non-batch dimensions.
+
+    The float64 table is rounded to float32 on the CPU and only then moved to `t.device`: MPS
+    has no float64 (and `training.device: auto` picks MPS on Apple silicon). Rounding before or
+    after the lookup gives the same values.
     """
-    values = torch.as_tensor(table, device=t.device)[t].to(torch.float32)
+    values = torch.as_tensor(table).to(torch.float32).to(t.device)[t]
     return values.reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
 
 

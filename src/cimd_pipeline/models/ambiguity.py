@@ -11,8 +11,11 @@ only their input channels differ (image channels plus mask channels).
 
 Two covariance forms are supported, matching the paper's CIMD-AA and CIMD-FC variants:
 
-* :attr:`Covariance.DIAGONAL`: the network predicts a mean and a log standard deviation per
-  latent dimension; the distribution is ``Independent(Normal(mu, sigma), 1)``.
+* :attr:`Covariance.DIAGONAL`: the network predicts a mean and a raw scale per latent
+  dimension, mapped to ``sigma = softplus(raw + shift) + eps`` exactly as the Cholesky diagonal
+  of the full form (``sigma = 1`` at ``raw = 0``); the distribution is
+  ``Independent(Normal(mu, sigma), 1)``. Unlike ``exp(raw)``, sigma grows only linearly in a
+  large raw value and never underflows to 0, so ``log(sigma)`` and the KL stay finite.
 * :attr:`Covariance.FULL`: the network predicts a mean and the lower triangle of a Cholesky
   factor ``L`` (positive diagonal), so ``Sigma = L L^T`` and ``z = mu + L eps``; the
   distribution is ``MultivariateNormal(mu, scale_tril=L)``.
@@ -31,13 +34,19 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 __all__ = ["Covariance", "GaussianEncoder", "kl_divergence"]
 
-# Added to the softplus of the Cholesky diagonal so that Sigma stays positive definite.
+# Added to the softplus of every standard deviation (diagonal sigma, Cholesky diagonal) so that
+# Sigma stays positive definite and log(sigma) finite.
 _CHOLESKY_EPS = 1e-5
 # softplus(_SOFTPLUS_SHIFT) == 1, so a zero raw diagonal maps to a unit standard deviation.
 _SOFTPLUS_SHIFT = math.log(math.e - 1.0)
 # Standard deviation of the initial 1x1 head weights: small enough that the initial
 # distribution is close to N(0, I), large enough that gradients reach the trunk at step 0.
 _HEAD_INIT_STD = 1e-2
+
+
+def positive_scale(raw: Tensor) -> Tensor:
+    """``softplus(raw + shift) + eps``: a standard deviation >= eps, equal to 1 at ``raw == 0``."""
+    return F.softplus(raw + _SOFTPLUS_SHIFT) + _CHOLESKY_EPS
 
 
 class Covariance(str, enum.Enum):
@@ -142,7 +151,7 @@ class GaussianEncoder(nn.Module):
         # No argument validation: a NaN from upstream must surface as a NaN loss, which the
         # training loop reports with its step, not as a distribution-constructor error.
         if self.covariance is Covariance.DIAGONAL:
-            return Independent(Normal(mu, rest.exp(), validate_args=False), 1, validate_args=False)
+            return Independent(Normal(mu, positive_scale(rest), validate_args=False), 1, validate_args=False)
         return MultivariateNormal(mu, scale_tril=self._cholesky(rest), validate_args=False)
 
     def _cholesky(self, raw: Tensor) -> Tensor:
@@ -154,7 +163,7 @@ class GaussianEncoder(nn.Module):
         k = self.latent_dim
         rows, cols = torch.tril_indices(k, k, device=raw.device)
         on_diag = rows == cols
-        values = torch.where(on_diag, F.softplus(raw + _SOFTPLUS_SHIFT) + _CHOLESKY_EPS, raw)
+        values = torch.where(on_diag, positive_scale(raw), raw)
         tril = raw.new_zeros(raw.shape[0], k, k)
         tril[:, rows, cols] = values
         return tril

@@ -40,6 +40,8 @@ class TrainedModel:
         image_channels: channels C of the images it was trained on.
         image_size: (H, W) it was trained at.
         alignment: the ``alignment`` block (normalisation, resize mode) to apply to new images.
+        reader: the reader's pre-processing: ``source`` and its parsed ``ingestion.reader``
+            options (e.g. ``reorient`` of the NIfTI readers), applied again by inference.
         state_dict: EMA weights.
         info: training facts (steps, seconds, device, fingerprint).
         source: where it was loaded from (named in errors; not saved).
@@ -51,6 +53,7 @@ class TrainedModel:
     alignment: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    reader: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="trained model", compare=False)
 
     @property
@@ -76,6 +79,7 @@ class TrainedModel:
             "alignment": self.alignment,
             "state_dict": self.state_dict,
             "info": self.info,
+            "reader": self.reader,
         }
 
     @classmethod
@@ -89,5 +93,6 @@ class TrainedModel:
             alignment=data["alignment"],
             state_dict=data["state_dict"],
             info=data.get("info", {}),
+            reader=data.get("reader", {}),  # files written before it was stored: RAS+, the old default
             source=source,
         )

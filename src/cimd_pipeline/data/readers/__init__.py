@@ -49,6 +49,16 @@ def reader_options(source: str, options: dict[str, Any]) -> BaseModel:
     return NiftiOptions.model_validate({**defaults, **options})
 
 
+def reader_preprocessing(source: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What the reader did to the raw files, to be stored with a model and redone by inference.
+
+    The source and its parsed options (defaults filled in), e.g. ``reorient`` of the NIfTI readers.
+    """
+    if source == "synthetic":
+        return {"source": source}
+    return {"source": source, **reader_options(source, options).model_dump(mode="json")}
+
+
 def get_reader(source: str) -> Reader:
     """Look a reader up by name, with the known names in the error."""
     try:

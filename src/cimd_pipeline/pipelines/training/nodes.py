@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from cimd_pipeline.config import ModelParams, TrainingParams
+from cimd_pipeline.config import IngestionParams, ModelParams, TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
+from cimd_pipeline.data.readers import reader_preprocessing
 from cimd_pipeline.models.trained import TrainedModel, build_model
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
@@ -18,15 +19,23 @@ logger = logging.getLogger(__name__)
 
 
 def train_model(
-    data: AlignedSet, model: dict[str, Any], training: dict[str, Any], alignment: dict[str, Any]
+    data: AlignedSet,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    alignment: dict[str, Any],
+    ingestion: dict[str, Any] | None = None,
 ) -> tuple[TrainedModel, dict[str, Any]]:
     """Train on the train split; return the EMA model and its loss curves as MLflow metrics.
+
+    The model file keeps the ``alignment`` block and the reader's pre-processing (from
+    ``ingestion``), so inference prepares new images exactly as the training data was.
 
     Checkpoints live in ``training.checkpoint_dir/<variant>-<fingerprint>/last.pt`` so a changed
     configuration starts afresh while the same one resumes.
     """
     model_params = ModelParams.model_validate(model)
     train_params = TrainingParams.model_validate(training)
+    ingestion_params = IngestionParams.model_validate(ingestion or {})
     train_set = data.subset("train")
     plain = model_params.model_dump(mode="json")
     digest = data_digest(train_set)
@@ -42,6 +51,7 @@ def train_model(
         image_channels=train_set.image_channels,
         image_size=train_set.image_size,
         alignment=alignment,
+        reader=reader_preprocessing(ingestion_params.source, ingestion_params.reader),
         state_dict=result.ema_state,
         info={
             "steps": result.steps,

@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 train_model,
-                ["aligned_dataset", "params:model", "params:training", "params:alignment"],
+                ["aligned_dataset", "params:model", "params:training", "params:alignment", "params:ingestion"],
                 ["trained_model", "training_curves"],
                 name="train_model",
             ),
