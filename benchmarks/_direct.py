@@ -1,19 +1,17 @@
 """The pipeline's chain in one process, without Kedro or MLflow installed.
 
-A GPU node often has torch but not the project's Kedro/MLflow stack. The node functions import no
-Kedro, but each ``pipelines/<name>/__init__.py`` imports its Kedro ``pipeline.py``; so the node
-modules are loaded from their files here, and the chain runs the very code ``kedro run`` runs:
-ingestion -> alignment -> training -> sampling -> evaluation, on the project's merged parameters
-(``conf/base`` then ``conf/<env>``, key by key like the project's config loader).
+A GPU node often has torch but not the project's Kedro/MLflow stack. The node modules
+(``cimd_pipeline.pipelines.<name>.nodes``) import no Kedro, nor do their packages, so the chain
+runs the very code ``kedro run`` runs: ingestion -> alignment -> training -> sampling ->
+evaluation, on the project's merged parameters (``conf/base`` then ``conf/<env>``, key by key like
+the project's config loader).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
+import importlib
 import tempfile
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,16 +20,9 @@ import yaml
 from _kedro import ROOT
 
 
-@functools.cache
 def _node_module(pipeline: str) -> ModuleType:
-    """``cimd_pipeline.pipelines.<pipeline>.nodes`` loaded without its package's Kedro imports."""
-    import cimd_pipeline
-
-    path = Path(cimd_pipeline.__file__).parent / "pipelines" / pipeline / "nodes.py"
-    spec = importlib.util.spec_from_file_location(f"_direct_nodes_{pipeline}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``cimd_pipeline.pipelines.<pipeline>.nodes``, the node functions ``kedro run`` calls."""
+    return importlib.import_module(f"cimd_pipeline.pipelines.{pipeline}.nodes")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -73,7 +64,9 @@ def run_chain(data, params: dict[str, Any], sample: bool = True) -> dict[str, An
     training = _node_module("training")
     with tempfile.TemporaryDirectory(prefix="cimd-direct-") as folder:
         params = _merge(params, {"training": {"checkpoint_dir": folder, "resume": False}})
-        trained, _ = training.train_model(data, params["model"], params["training"], params["alignment"])
+        trained, _ = training.train_model(
+            data, params["model"], params["training"], params["alignment"], params["ingestion"]
+        )
     if not sample:
         return {"train_steps": trained.info["steps"], "train_seconds": trained.info["train_seconds"]}
     samples, _ = _node_module("sampling").sample_test_cases(trained, data, params["sampling"], params["training"])

@@ -1,5 +1,22 @@
-"""Read a raw multi-rater dataset (or generate the synthetic one) into a folder of cases."""
+"""Read a raw multi-rater dataset (or generate the synthetic one) into a folder of cases.
 
-from cimd_pipeline.pipelines.data_ingestion.pipeline import create_pipeline
+Importing this package needs no Kedro: ``nodes`` holds plain functions (a GPU node with only
+torch can call them), and the Kedro pipeline is built, with Kedro imported, when Kedro asks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kedro.pipeline import Pipeline
+
+
+def create_pipeline(**kwargs: Any) -> Pipeline:
+    """The Kedro pipeline of ``pipeline.py`` (found by `kedro.framework.project.find_pipelines`)."""
+    from cimd_pipeline.pipelines.data_ingestion.pipeline import create_pipeline as create
+
+    return create(**kwargs)
+
 
 __all__ = ["create_pipeline"]
