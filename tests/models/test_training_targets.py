@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cimd_pipeline.config import ModelParams
+from cimd_pipeline.config import ModelParams, SamplingParams
 from cimd_pipeline.models.cimd import CIMD, pick_raters
 from cimd_pipeline.models.prob_unet import chosen_rater
 
@@ -148,3 +148,68 @@ def test_acn_eps_view_is_the_noise_implied_by_the_prediction(monkeypatch, predic
     acn_view = rec.seen["acn"][:, 2:].double()
     torch.testing.assert_close(acn_view, expected, atol=2e-3, rtol=2e-3)
     assert not torch.allclose(acn_view, x_t, atol=1e-2)
+
+
+def test_ddpm_det_trains_the_diffusion_on_the_mean_of_the_valid_raters(monkeypatch):
+    torch.manual_seed(0)
+    net = CIMD(ModelParams.model_validate({"variant": "ddpm_det", "unet": TINY_UNET}), image_channels=2)
+    seen = {}
+    original = net.diffusion.training_losses
+
+    def training_losses(model_out, x0, *rest):
+        seen["x0"] = x0.detach().clone()
+        return original(model_out, x0, *rest)
+
+    monkeypatch.setattr(net.diffusion, "training_losses", training_losses)
+    masks = distinct_masks()
+    net.losses(torch.randn(4, 2, 16, 16), masks, VALID, torch.Generator().manual_seed(0))
+    for i, valid in enumerate(VALID):
+        expected = masks[i, valid].float().mean(0) * 2 - 1
+        torch.testing.assert_close(seen["x0"][i, 0], expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("prediction_type", "scale"), [("eps", 1.0), ("x0", 0.5), ("v", 0.3)])
+def test_clean_mask_estimate_is_clipped_to_the_input_scale_and_given_in_mask_units(prediction_type, scale):
+    net = CIMD(ModelParams.model_validate(
+        {"variant": "ddpm_prob", "prediction_type": prediction_type, "input_scale": scale, "unet": TINY_UNET}
+    ), image_channels=2)
+    g = torch.Generator().manual_seed(0)
+    x_t, out = 3 * torch.randn(4, 1, 8, 8, generator=g), 3 * torch.randn(4, 2, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    abar = torch.as_tensor(np.cumprod(1.0 - net.diffusion.betas))[t][:, None, None, None].float()
+    prediction = out[:, :1]
+    x0 = {
+        "x0": prediction,
+        "eps": (x_t - (1 - abar).sqrt() * prediction) / abar.sqrt(),
+        "v": abar.sqrt() * x_t - (1 - abar).sqrt() * prediction,
+    }[prediction_type]
+    expected = x0.clamp(-scale, scale) / scale
+    got = net.x0_estimate(out, x_t, t)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert got.min() == -1.0 and got.max() == 1.0  # the random outputs reach both clips
+
+
+def test_respaced_sampler_keeps_the_models_input_scale():
+    net = CIMD(ModelParams.model_validate({"variant": "ddpm_prob", "input_scale": 0.3, "unet": TINY_UNET}), 2)
+    respaced = net.sampler_diffusion(10)
+    assert respaced.num_timesteps == 10 and respaced.input_scale == 0.3 and respaced.learn_sigma
+
+
+def test_self_conditioned_sampling_feeds_the_estimate_from_the_current_x_t(monkeypatch):
+    torch.manual_seed(0)
+    net = CIMD(ModelParams.model_validate(
+        {"variant": "ddpm_prob", "prediction_type": "eps", "self_condition": True, "unet": TINY_UNET}
+    ), image_channels=2)
+    calls = []
+    original = net.model_output
+
+    def model_output(x_t, image, t, condition):
+        out = original(x_t, image, t, condition)
+        calls.append((x_t.clone(), t.clone(), condition.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(net, "model_output", model_output)
+    net.sample(torch.randn(2, 2, 16, 16), SamplingParams(steps=3, method="ddim"), torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+    for (x_t, t, _, out), (_, _, condition, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(condition, net.x0_estimate(out, x_t, t))
