@@ -53,8 +53,8 @@ TINY_BLOCKS = ("model", "training", "sampling", "evaluation", "inference")
 SMALLER = {
     "ingestion": {"synthetic": {"num_cases": 16}},
     "model": {"unet": {"attention_levels": [False, False]}},  # no attention on 64x64 grids
-    "training": {"max_steps": 3, "checkpoint_every": 3, "log_every": 3},
-    "sampling": {"num_samples": 2, "steps": 2},
+    "training": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 2},
+    "sampling": {"num_samples": 2, "steps": 2, "max_cases": 2},
     "evaluation": {"figure_cases": 1},
     "inference": {"num_samples": 2, "steps": 2, "progress": False},
 }

@@ -193,3 +193,20 @@ def test_empty_dataset(tmp_path: Path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=names(tmp_path, "no NIfTI images found")):
         read("qubiq", tmp_path)
+
+
+def test_split_folders_above_subjects_are_given_splits(tmp_path: Path, caplog):
+    for split, subject in (("Training", 1), ("Training", 2), ("testing", 3)):
+        msmri_case(tmp_path / split, subject, 1)
+    with caplog.at_level(logging.WARNING):
+        cases = read("msmri", tmp_path, group_regex=r"^[^/]+/([^/]+)")
+    given = [(c.case_id, c.group_id, c.meta["given_split"]) for c in cases]
+    assert given == [
+        ("Training/subj01/tp1", "subj01", "train"),
+        ("Training/subj02/tp1", "subj02", "train"),
+        ("testing/subj03/tp1", "subj03", "test"),
+    ]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level(logging.WARNING):
+        read("msmri", tmp_path)  # the default group (first folder) is the split folder
+    assert "group_regex '^([^/]+)' puts 2 of 3 cases into one group 'Training'" in caplog.text
