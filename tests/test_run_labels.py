@@ -61,3 +61,68 @@ def test_aligned_input_digest_follows_the_content_and_profile_counts_splits(tmp_
     assert json.loads(entity.source) == {"uri": str(tmp_path.resolve())}
     assert json.loads(entity.profile) == {"cases": 6, "train": 3, "val": 1, "test": 2, "raters": 2,
                                           "channels": 1, "image_size": "4x5"}
+
+
+def test_experiment_kind_is_set_once_and_a_concurrent_tagger_is_fine(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from cimd_pipeline.run_labels import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, mark_model_training
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tagged = client.create_experiment("tagged", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    mark_model_training(client, tagged)  # a kind chosen by a person stays
+    assert client.get_experiment(tagged).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    plain = client.create_experiment("plain")
+    mark_model_training(client, plain)
+    assert client.get_experiment(plain).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+
+    class Racing:
+        """Another process inserts the tag between our read and our write (PostgreSQL refuses the
+        second insert with a unique-key violation)."""
+
+        def __init__(self, set_by_other: bool):
+            self.reads, self.set_by_other = 0, set_by_other
+
+        def get_experiment(self, experiment_id):
+            self.reads += 1
+            return client.get_experiment(plain if self.reads > 1 and self.set_by_other else tagged_none)
+
+        def set_experiment_tag(self, *args):
+            raise MlflowException("duplicate key value violates unique constraint")
+
+    tagged_none = client.create_experiment("none")
+    mark_model_training(Racing(set_by_other=True), "x")  # the other process's tag is there: fine
+    with pytest.raises(MlflowException, match="duplicate key"):
+        mark_model_training(Racing(set_by_other=False), "x")  # still untagged: a real error
+
+
+def test_aligned_dataset_is_logged_once_per_run_even_after_a_concurrent_insert(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cimd_pipeline.hooks import MlflowRunLabelHook
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("labels", artifact_location=str(tmp_path / "artefacts"))
+    hook = MlflowRunLabelHook()
+    hook._params, hook._env, hook._aligned_path = BASE, "test", str(tmp_path)
+    real, calls = mlflow.log_input, []
+
+    def first_refused(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("duplicate key value violates unique constraint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", first_refused)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            hook.after_dataset_loaded("aligned_dataset", _aligned(0), node=None)
+            hook.after_dataset_loaded("aligned_dataset", _aligned(0), node=None)  # once per run
+            hook.after_dataset_loaded("ingested_cases", object(), node=None)  # other datasets: ignored
+    finally:
+        mlflow.set_tracking_uri(previous)
+    inputs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and [i.dataset.name for i in inputs] == ["test/synthetic aligned"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.config import validate_parameters
@@ -19,6 +20,7 @@ from cimd_pipeline.run_labels import (
     MODEL_TRAINING_KIND,
     AlignedDatasetInput,
     dataset_label,
+    mark_model_training,
     run_name,
 )
 from cimd_pipeline.tracking_server import check_reachable, ensure_experiment, is_remote
@@ -122,9 +124,7 @@ class MlflowRunLabelHook:
         self._aligned_path = (aligned._describe().get("path") if aligned is not None else None) or "."
         pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
         client = MlflowClient()
-        experiment = client.get_experiment(run.info.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        mark_model_training(client, run.info.experiment_id)
         if run.info.run_name == "+".join(pipelines):
             client.update_run(run.info.run_id, name=run_name(self._params, self._env, pipelines))
 
@@ -140,8 +140,13 @@ class MlflowRunLabelHook:
         run = mlflow.active_run()
         if dataset_name != ALIGNED_DATASET or run is None or run.info.run_id in self._logged:
             return
-        name = f"{dataset_label(self._params, self._env)} aligned"
-        mlflow.log_input(AlignedDatasetInput(data, self._aligned_path, name), context="aligned")
+        dataset = AlignedDatasetInput(data, self._aligned_path, f"{dataset_label(self._params, self._env)} aligned")
+        try:
+            mlflow.log_input(dataset, context="aligned")
+        except MlflowException:
+            # Two runs logging the same new dataset at once: the store refuses the second insert
+            # of its record; once it exists, the link from this run goes through.
+            mlflow.log_input(dataset, context="aligned")
         self._logged.add(run.info.run_id)
 
 
@@ -171,5 +176,5 @@ class TrackingServerHook:
             MlflowClient(tracking_uri=uri),
             experiment.get("name") or context._package_name,
             options.get("artifact_location"),
-            options.get("tags"),
+            {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, **(options.get("tags") or {})},
         )

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from mlflow.data.dataset import Dataset
 from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.data.aligned import SPLITS, AlignedSet
 
@@ -30,6 +32,18 @@ MODEL_TRAINING_KIND = "custom_model_development"
 RUNS_VIEW_QUERY = "workflowType=machine_learning"
 #: Kedro environments that name no dataset: the default run environment and the base.
 _PLAIN_ENVS = {None, "", "base", "local"}
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model training unless it already has a kind; another process
+    tagging it at the same moment (two runs starting at once on a team server) is fine."""
+    if EXPERIMENT_KIND_TAG in client.get_experiment(experiment_id).tags:
+        return
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except MlflowException:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def dataset_label(params: Mapping[str, Any], env: str | None = None) -> str:
