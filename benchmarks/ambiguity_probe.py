@@ -14,7 +14,11 @@ never trained, so they stay there):
 - ``rater_shift``: mean |AMN mean of rater a - of rater b| for the same image, in sigma units
   (0: the posterior does not tell the raters apart);
 - ``grad_share``: |grad of beta·KL| / |grad of the diffusion loss| over the UNet's weights on the
-  same batch, noise and timesteps (beta = ``model.kl_weight`` of the trained model).
+  same batch, noise and timesteps (beta = ``model.kl_weight`` of the trained model); 0 for
+  ``cimd_latent``, whose KL does not depend on the UNet;
+- ``amn_kl_fraction``: |grad of beta·KL| / (|grad of beta·KL| + |grad of the diffusion loss|) over
+  the AMN's weights: 1 when only the KL trains the posterior (``cimd_aa``), near 0 when the KL
+  barely restrains what the diffusion loss asks of it.
 
     python benchmarks/ambiguity_probe.py --model data/06_models/model.pt --cases 64
 """
@@ -34,9 +38,10 @@ from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder
 from cimd_pipeline.models.cimd import CIMD
 
 
-def fresh_encoder(net: CIMD, image_channels: int, default_init: bool) -> GaussianEncoder:
+def fresh_encoder(like: GaussianEncoder, net: CIMD, default_init: bool) -> GaussianEncoder:
+    """A newly initialised encoder with ``like``'s inputs (the latent variant's ACN sees the image only)."""
     nets = net.params.ambiguity_nets
-    encoder = GaussianEncoder(image_channels + 1, net.params.latent_dim, nets.filters, Covariance.DIAGONAL)
+    encoder = GaussianEncoder(like.in_channels, net.params.latent_dim, nets.filters, Covariance.DIAGONAL)
     if default_init:
         encoder.head.reset_parameters()
     return encoder
@@ -61,16 +66,26 @@ def probe(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.Tens
     first = mean[:, 0]  # every case has rater 0
     pairs = valid[:, 0] & valid[:, 1]
     terms = net.losses(image, masks, valid, torch.Generator().manual_seed(seed))
-    weights = [p for p in net.denoiser.parameters() if p.requires_grad]
     kl_part = net.params.kl_weight * terms["kl"]
-    diffusion = torch.autograd.grad(terms["loss"] - kl_part, weights, retain_graph=True)
-    kl_grad = torch.autograd.grad(kl_part, weights, allow_unused=True)
-    norm = lambda grads: torch.sqrt(sum((g**2).sum() for g in grads if g is not None))  # noqa: E731
+
+    def norms(module: nn.Module) -> tuple[float, float]:
+        """|grad of the diffusion loss| and |grad of beta·KL| over ``module``'s weights."""
+        weights = [p for p in module.parameters() if p.requires_grad]
+        if not weights:  # frozen encoders (ambiguity_nets.trainable: false)
+            return float("nan"), float("nan")
+        diffusion = torch.autograd.grad(terms["loss"] - kl_part, weights, retain_graph=True, allow_unused=True)
+        kl_grad = torch.autograd.grad(kl_part, weights, retain_graph=True, allow_unused=True)
+        norm = lambda grads: float(torch.sqrt(sum(((g**2).sum() for g in grads if g is not None), torch.tensor(0.0))))  # noqa: E731
+        return norm(diffusion), norm(kl_grad)
+
+    unet_diffusion, unet_kl = norms(net.denoiser)
+    amn_diffusion, amn_kl = norms(net.amn)
     return {
         "kl": float(terms["kl"]),
         "amn_spread": float(first.std(0).mean() / scale),
         "rater_shift": float((mean[pairs, 0] - mean[pairs, 1]).abs().mean() / scale),
-        "grad_share": float(norm(kl_grad) / norm(diffusion)),
+        "grad_share": unet_kl / unet_diffusion,
+        "amn_kl_fraction": amn_kl / max(amn_kl + amn_diffusion, 1e-30),
     }
 
 
@@ -80,6 +95,7 @@ def main() -> None:
     parser.add_argument("--aligned", default=str(ROOT / "data/03_primary/aligned"))
     parser.add_argument("--cases", type=int, default=64, help="training cases in the batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "data/08_reporting/ambiguity_probe.csv"))
     args = parser.parse_args()
 
     trained = TrainedModelDataset(args.model).load()
@@ -93,11 +109,10 @@ def main() -> None:
     rows = [{"encoders": "trained", **probe(net, image, masks, valid, args.seed)}]
     for label, default_init in (("fresh, head N(0, 0.01^2)", False), ("fresh, PyTorch default init", True)):
         torch.manual_seed(args.seed)
-        net.amn, net.acn = (fresh_encoder(net, trained.image_channels, default_init) for _ in range(2))
+        net.amn, net.acn = (fresh_encoder(encoder, net, default_init) for encoder in (net.amn, net.acn))
         rows.append({"encoders": label, **probe(net, image, masks, valid, args.seed)})
     table = pd.DataFrame(rows)
-    out = ROOT / "data/08_reporting/ambiguity_probe.csv"
-    table.to_csv(out, index=False)
+    table.to_csv(args.out, index=False)
     print(f"{trained.params.variant.value} model {args.model}, {len(image)} training cases, "
           f"beta = {trained.params.kl_weight}, {trained.info.get('steps', '?')} steps\n")
     print(markdown_table(table.map(lambda v: f"{v:.3g}" if isinstance(v, float) else v)))

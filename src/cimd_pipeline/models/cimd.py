@@ -11,7 +11,12 @@ target mask and whether the encoders exist:
 
 - ``cimd_aa`` / ``cimd_fc``: one random valid rater per image per step, diagonal / full Gaussians;
 - ``ddpm_det``: the mean of the raters' masks, no encoders;
-- ``ddpm_prob``: one random valid rater per image per step, no encoders.
+- ``ddpm_prob``: one random valid rater per image per step, no encoders;
+- ``cimd_latent`` (our extension, not in the paper; docs/ambiguity_nets.md): the latent z conditions
+  the denoiser as ``latent_dim`` constant extra input channels. In training z is drawn from the AMN
+  posterior q(z | image, x_0), the ACN is a prior p(z | image) that sees the image only, and the
+  loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws its own z from that prior, so prior
+  sampling needs nothing the chain has not made yet.
 
 The diffusion recipe (``model.noise_schedule``, ``input_scale``, ``loss_weighting``,
 ``output_activation``, ``self_condition``; docs/quality.md) applies to every variant. With input
@@ -73,7 +78,8 @@ class CIMD(nn.Module):
         super().__init__()
         self.params = params
         self.variant = params.variant
-        extra = 1 if params.self_condition else 0
+        self.latent = params.variant is Variant.CIMD_LATENT
+        extra = (1 if params.self_condition else 0) + (params.latent_dim if self.latent else 0)
         self.denoiser = ConditionalDenoiser(
             params.unet, image_channels, mask_channels=1, learn_sigma=True, extra_channels=extra
         )
@@ -91,7 +97,8 @@ class CIMD(nn.Module):
             covariance = Covariance.FULL if self.variant is Variant.CIMD_FC else Covariance.DIAGONAL
             nets = params.ambiguity_nets
             self.amn = GaussianEncoder(image_channels + 1, params.latent_dim, nets.filters, covariance)
-            self.acn = GaussianEncoder(image_channels + 1, params.latent_dim, nets.filters, covariance)
+            prior_channels = image_channels if self.latent else image_channels + 1
+            self.acn = GaussianEncoder(prior_channels, params.latent_dim, nets.filters, covariance)
             if not nets.trainable:
                 # Reference-code behaviour: the encoders stay at their random initialisation, but
                 # the KL still back-propagates through them into the UNet's prediction.
@@ -110,12 +117,18 @@ class CIMD(nn.Module):
         t = draws.randint(self.diffusion.num_timesteps, (len(x0),), generator, x0.device)
         noise = draws.randn(x0.shape, generator, x0.device)
         x_t = self.diffusion.q_sample(scaled, t, noise)
-        condition = self._training_condition(x_t, image, t, generator)
-        out = self.model_output(x_t, image, t, condition)
+        z = kl = None
+        if self.latent:
+            posterior = self.amn(torch.cat([image, x0], dim=1))
+            z = _draw(posterior, generator)
+            kl = kl_divergence(posterior, self.acn(image))
+        condition = self._training_condition(x_t, image, t, generator, z)
+        out = self.model_output(x_t, image, t, condition, z)
         terms = self.diffusion.training_losses(out, scaled, x_t, t, noise, self.params.vlb_weight)
         loss = terms["loss"]
-        kl = torch.zeros_like(loss)
-        if self.amn is not None and self.acn is not None:
+        if kl is not None:
+            loss = loss + self.params.kl_weight * kl
+        elif self.amn is not None and self.acn is not None:
             pred_x0 = terms["pred_x0"]
             if self.params.ambiguity_nets.acn_input == "eps":
                 acn_view = self.diffusion.predict_eps_from_x0(x_t, t, pred_x0)
@@ -125,12 +138,20 @@ class CIMD(nn.Module):
             prior = self.acn(torch.cat([image, acn_view], dim=1))
             kl = kl_divergence(posterior, prior)
             loss = loss + self.params.kl_weight * kl
+        else:
+            kl = torch.zeros_like(loss)
         return {"loss": loss.mean(), "mse": terms["mse"].mean(), "vlb": terms["vlb"].mean(), "kl": kl.mean()}
 
-    def model_output(self, x_t: Tensor, image: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
+    def model_output(
+        self, x_t: Tensor, image: Tensor, t: Tensor, condition: Tensor | None, z: Tensor | None = None
+    ) -> Tensor:
         """Denoiser output (N, 2, H, W) in the diffusion's units: an x0 prediction goes through the
-        output activation and is scaled by b; ``condition`` is the self-conditioning channel."""
-        out = self.denoiser(x_t, image, t, condition).float()
+        output activation and is scaled by b. ``condition`` (N, 1, H, W) is the self-conditioning
+        channel, ``z`` (N, latent_dim) the ``cimd_latent`` code, broadcast over H and W."""
+        extra = [condition] if self.params.self_condition else []
+        if z is not None:
+            extra.append(z[:, :, None, None].expand(-1, -1, *x_t.shape[-2:]).to(x_t.dtype))
+        out = self.denoiser(x_t, image, t, torch.cat(extra, dim=1) if extra else None).float()
         p = self.params
         if p.prediction_type is PredictionType.X0 and (p.output_activation == "tanh" or p.input_scale != 1.0):
             prediction, var_values = out[:, :1], out[:, 1:]
@@ -150,7 +171,7 @@ class CIMD(nn.Module):
         return self.diffusion.predict_x0(x_t, t, prediction).clamp(-b, b) / b
 
     def _training_condition(
-        self, x_t: Tensor, image: Tensor, t: Tensor, generator: torch.Generator | None
+        self, x_t: Tensor, image: Tensor, t: Tensor, generator: torch.Generator | None, z: Tensor | None
     ) -> Tensor | None:
         """Self-conditioning input: zeros, or (half the steps) a first pass's detached x̂_0."""
         if not self.params.self_condition:
@@ -158,7 +179,8 @@ class CIMD(nn.Module):
         condition = torch.zeros_like(x_t)
         if torch.rand((1,), generator=generator, device=x_t.device).item() < 0.5:
             with torch.no_grad():
-                condition = self.x0_estimate(self.model_output(x_t, image, t, condition), x_t, t)
+                first = self.model_output(x_t, image, t, condition, None if z is None else z.detach())
+                condition = self.x0_estimate(first, x_t, t)
         return condition
 
     def sampler_diffusion(self, steps: int) -> GaussianDiffusion:
@@ -181,8 +203,9 @@ class CIMD(nn.Module):
         (eta = 0) or stochastic DDIM update; both on the respaced schedule of ``params.steps``.
         """
         b, _, h, w = image.shape
+        z = _draw(self.acn(image), generator) if self.latent else None
         x, _ = sample(
-            self.model_fn(image),
+            self.model_fn(image, z),
             self.sampler_diffusion(params.steps),
             (b, 1, h, w),
             method=params.method,
@@ -192,8 +215,9 @@ class CIMD(nn.Module):
         )
         return x / self.diffusion.input_scale
 
-    def model_fn(self, image: Tensor):
-        """The sampler's ``(x_t, t_original) -> model_out`` closure for a fixed image batch.
+    def model_fn(self, image: Tensor, z: Tensor | None = None):
+        """The sampler's ``(x_t, t_original) -> model_out`` closure for a fixed image batch (and,
+        for ``cimd_latent``, its fixed latent codes ``z`` (N, latent_dim)).
 
         With self-conditioning the closure keeps the previous step's x̂_0 (zeros before the first
         step), so one closure serves exactly one reverse chain.
@@ -205,9 +229,21 @@ class CIMD(nn.Module):
             condition = None
             if self.params.self_condition:
                 condition = torch.zeros_like(x_t) if previous is None else previous
-            out = self.model_output(x_t, image, t, condition)
+            out = self.model_output(x_t, image, t, condition, z)
             if self.params.self_condition:
                 previous = self.x0_estimate(out, x_t, t)
             return out
 
         return call
+
+
+def _draw(dist, generator: Generator) -> Tensor:
+    """Reparameterised draw mean + scale_tril · eps from a diagonal or full Gaussian, (N, k).
+
+    ``rsample`` would take its noise from the global RNG; the loop's generator (or sampling's
+    per-row generators) keeps training resumable and samples seeded per image.
+    """
+    eps = draws.randn(dist.mean.shape, generator, dist.mean.device)
+    if isinstance(dist, torch.distributions.MultivariateNormal):
+        return dist.mean + (dist.scale_tril @ eps[..., None])[..., 0]
+    return dist.mean + dist.stddev * eps
