@@ -213,3 +213,74 @@ def test_self_conditioned_sampling_feeds_the_estimate_from_the_current_x_t(monke
     assert len(calls) == 3
     for (x_t, t, _, out), (_, _, condition, _) in zip(calls, calls[1:]):
         torch.testing.assert_close(condition, net.x0_estimate(out, x_t, t))
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0"])
+def test_loss_is_the_hybrid_loss_plus_beta_times_the_kl_against_the_drawn_noise(monkeypatch, prediction_type):
+    torch.manual_seed(0)
+    params = tiny(prediction_type).model_copy(update={"vlb_weight": 0.5, "kl_weight": 10.0})
+    net = CIMD(params, image_channels=2)
+    rec = Recorder(net, monkeypatch)
+    masks = distinct_masks()
+    terms = net.losses(torch.randn(4, 2, 16, 16), masks, VALID, torch.Generator().manual_seed(3))
+    expected = terms["mse"] + 0.5 * net.diffusion.num_timesteps * terms["vlb"] + 10.0 * terms["kl"]
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-5, atol=1e-6)
+    # the regression target is built from the noise that made x_t
+    x0, x_t, t = rec.seen["x0"].double(), rec.seen["x_t"].double(), rec.seen["t"]
+    abar = torch.as_tensor(np.cumprod(1.0 - net.diffusion.betas))[t][:, None, None, None]
+    noise = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    target = noise if prediction_type == "eps" else x0
+    mse = ((rec.seen["out"][:, :1].double() - target) ** 2).mean()
+    torch.testing.assert_close(terms["mse"].double(), mse, rtol=1e-4, atol=1e-6)
+
+
+def test_acn_sees_the_clean_mask_estimate_in_mask_units_with_an_input_scale(monkeypatch):
+    torch.manual_seed(0)
+    params = tiny("x0").model_copy(update={"input_scale": 0.5})
+    net = CIMD(params, image_channels=2)
+    rec = Recorder(net, monkeypatch)
+    net.losses(torch.randn(4, 2, 16, 16), distinct_masks(), VALID, torch.Generator().manual_seed(3))
+    # the denoiser predicts x0 in mask units; the diffusion sees it times b, the ACN divided back
+    torch.testing.assert_close(rec.seen["acn"][:, 2:], rec.seen["out"][:, :1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec.seen["amn"][:, 2:], rec.seen["x0"] / 0.5, rtol=0, atol=0)
+
+
+def self_conditioned(prediction_type="eps") -> CIMD:
+    torch.manual_seed(0)
+    return CIMD(ModelParams.model_validate(
+        {"variant": "ddpm_prob", "prediction_type": prediction_type, "self_condition": True, "unet": TINY_UNET}
+    ), image_channels=2)
+
+
+def test_self_conditioning_in_training_follows_the_generator_only():
+    net = self_conditioned()
+    image, masks = torch.randn(4, 2, 16, 16), distinct_masks()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # a draw from the global RNG would differ between the runs
+        runs.append([net.losses(image, masks, VALID, torch.Generator().manual_seed(s))["loss"] for s in range(8)])
+    assert runs[0] == runs[1]
+
+
+def test_self_conditioning_first_pass_gives_the_estimate_from_the_same_x_t(monkeypatch):
+    net = self_conditioned("eps")
+    calls = []
+    original = net.model_output
+
+    def model_output(x_t, image, t, condition):
+        out = original(x_t, image, t, condition)
+        calls.append((x_t.clone(), t.clone(), condition.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(net, "model_output", model_output)
+    image, masks = torch.randn(4, 2, 16, 16), distinct_masks()
+    two_pass = 0
+    for seed in range(8):
+        calls.clear()
+        net.losses(image, masks, VALID, torch.Generator().manual_seed(seed))
+        assert torch.equal(calls[0][2], torch.zeros_like(calls[0][2]))
+        if len(calls) == 2:
+            two_pass += 1
+            x_t, t, _, out = calls[0]
+            torch.testing.assert_close(calls[1][2], net.x0_estimate(out, x_t, t))
+    assert 0 < two_pass < 8
