@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.data.aligned import AlignedSet
-from cimd_pipeline.run_labels import AlignedDatasetInput, dataset_label, run_name
+from cimd_pipeline.hooks import MlflowRunLabelHook
+from cimd_pipeline.run_labels import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    AlignedDatasetInput,
+    dataset_label,
+    mark_model_training,
+    run_name,
+)
 
 BASE = {"model": {"variant": "cimd_aa"}, "training": {"seed": 0, "max_steps": 3000},
         "ingestion": {"source": "synthetic", "root": None}}
@@ -64,11 +75,6 @@ def test_aligned_input_digest_follows_the_content_and_profile_counts_splits(tmp_
 
 
 def test_experiment_kind_is_set_once_and_a_concurrent_tagger_is_fine(tmp_path):
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from cimd_pipeline.run_labels import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, mark_model_training
-
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     tagged = client.create_experiment("tagged", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     mark_model_training(client, tagged)  # a kind chosen by a person stays
@@ -98,11 +104,6 @@ def test_experiment_kind_is_set_once_and_a_concurrent_tagger_is_fine(tmp_path):
 
 
 def test_aligned_dataset_is_logged_once_per_run_even_after_a_concurrent_insert(tmp_path, monkeypatch):
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from cimd_pipeline.hooks import MlflowRunLabelHook
-
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("labels", artifact_location=str(tmp_path / "artefacts"))
@@ -124,5 +125,5 @@ def test_aligned_dataset_is_logged_once_per_run_even_after_a_concurrent_insert(t
             hook.after_dataset_loaded("ingested_cases", object(), node=None)  # other datasets: ignored
     finally:
         mlflow.set_tracking_uri(previous)
-    inputs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id).inputs.dataset_inputs
     assert len(calls) == 2 and [i.dataset.name for i in inputs] == ["test/synthetic aligned"]

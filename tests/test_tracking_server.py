@@ -11,7 +11,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.errors import ConfigError
-from cimd_pipeline.tracking_server import check_reachable, ensure_experiment, is_remote, required_env
+from cimd_pipeline.tracking_server import (
+    check_reachable,
+    ensure_experiment,
+    is_remote,
+    required_env,
+)
 
 
 def test_required_env_names_the_variable(monkeypatch):
@@ -34,7 +39,7 @@ def test_only_http_addresses_are_remote():
 class _Health(BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):  # http.server's method name
         self.send_response(self.status if self.path == "/health" else 404)
         self.end_headers()
         self.wfile.write(b"OK")

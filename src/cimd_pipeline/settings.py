@@ -8,7 +8,12 @@ from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 
-from cimd_pipeline.hooks import MlflowRunLabelHook, MlflowRunOwnerHook, ParameterValidationHook, TrackingServerHook
+from cimd_pipeline.hooks import (
+    MlflowRunLabelHook,
+    MlflowRunOwnerHook,
+    ParameterValidationHook,
+    TrackingServerHook,
+)
 from cimd_pipeline.tracking_server import required_env
 
 

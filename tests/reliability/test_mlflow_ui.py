@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
-from cimd_pipeline.run_labels import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, RUNS_VIEW_QUERY, AlignedDatasetInput
+from cimd_pipeline.run_labels import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    RUNS_VIEW_QUERY,
+    AlignedDatasetInput,
+)
 from tests.reliability.conftest import EXPERIMENT, mlflow_client, require_tool, runs_of, wait_for
 
 pytestmark = pytest.mark.slow

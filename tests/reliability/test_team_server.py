@@ -91,7 +91,7 @@ def postgres() -> Iterator[Postgres]:
     try:
         def ready() -> bool:
             probe = subprocess.run([str(binaries / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                   capture_output=True)
+                                   capture_output=True, check=False)
             if server.poll() is not None:
                 raise AssertionError((folder / "postgres.log").read_text())
             return probe.returncode == 0
