@@ -28,5 +28,6 @@ def test_compare_runs_notebook_executes(tmp_path_factory, monkeypatch):
     assert str(project / "mlflow.db") in text and "1 with test metrics" in text and "cimd_aa" in text
     # runs are shown by the names the MLflow UI shows
     assert "cimd_aa · test/synthetic · seed 0 · 12 steps · __default__+inference" in text
+    assert "ci_var" in text  # the literature's reading of the CI score beside ours
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the GED bar chart and one variant's sample grid
