@@ -173,6 +173,8 @@ class TrainingParams(Strict):
     bf16: bool = True
     deterministic: bool = False
     progress: bool = True
+    # data-parallel worker processes on this machine (one per GPU; gloo on the CPU), docs/scaling.md
+    num_processes: int = Field(1, ge=1)
 
 
 class SamplerSettings(Strict):
@@ -357,6 +359,11 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
     training = parsed.get("training")
     if isinstance(model, ModelParams) and isinstance(training, TrainingParams):
         problems.extend(deterministic_training_problems(model, training))
+    if isinstance(training, TrainingParams) and training.batch_size % training.num_processes:
+        problems.append(
+            f"training.batch_size: {training.batch_size} is not divisible by training.num_processes="
+            f"{training.num_processes} (every process trains on an equal share of the batch)"
+        )
     ingestion = parsed.get("ingestion")
     if isinstance(ingestion, IngestionParams):
         problems.extend(_ingestion_problems(ingestion))

@@ -4,6 +4,7 @@ The resolver anchors ``sqlite:///${project_root:}/mlflow.db`` and artefact folde
 root, so running from another directory never scatters a second MLflow store.
 """
 
+import os
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
@@ -28,6 +29,11 @@ def _project_root() -> str:
 # Called last-registered first: the MLflow hooks tag and name the run before validation can fail it.
 # TrackingServerHook runs first of all (tryfirst), before kedro-mlflow connects.
 HOOKS = (ParameterValidationHook(), MlflowRunLabelHook(), MlflowRunOwnerHook(), TrackingServerHook())
+
+# Under torchrun (docs/scaling.md) only rank 0 tracks the run in MLflow; the other ranks train
+# their share and leave before any output is written.
+if int(os.environ.get("RANK", "0")) > 0:
+    DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow",)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -26,11 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
+from cimd_pipeline.models import draws
 from cimd_pipeline.training.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -105,6 +108,40 @@ class TrainResult:
     resumed_from: int
 
 
+@dataclass(frozen=True)
+class Workers:
+    """This process's place in data-parallel training; rank 0 of 1 without torch.distributed.
+
+    Every rank draws the same global batch of ``batch_size`` indices and trains on its contiguous
+    share of ``batch_size / size`` examples; gradients are averaged over the ranks, so the run
+    follows the one-process trajectory. Rank 0 alone writes checkpoints.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    def share(self, batch_size: int) -> tuple[int, int]:
+        if batch_size % self.size:
+            raise ValueError(
+                f"training.batch_size={batch_size} is not divisible by the {self.size} training processes"
+            )
+        per_rank = batch_size // self.size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+
+class _Losses(nn.Module):
+    """``model.losses`` as ``forward``: DistributedDataParallel all-reduces the gradients of what
+    its forward computed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        return self.model.losses(*args)
+
+
 def _batch(data: AlignedSet, index: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
     order = np.sort(index)  # sorted reads are kind to memory-mapped arrays; order is irrelevant
     tensors = (
@@ -129,8 +166,9 @@ class LossWindow:
     ``log_every`` steps and before each checkpoint, and it refuses a non-finite loss.
     """
 
-    def __init__(self, device: torch.device, saved: dict[str, float] | None = None) -> None:
+    def __init__(self, device: torch.device, saved: dict[str, float] | None = None, processes: int = 1) -> None:
         self.device = device
+        self.processes = processes
         saved = dict(saved or {})
         self.count = int(saved.pop("count", 0))
         self.names = list(saved)
@@ -146,7 +184,12 @@ class LossWindow:
 
     def read(self, first_step: int, step: int, kept: str) -> dict[str, float]:
         """The sums as floats (with ``count``); FloatingPointError naming the steps if the loss is not finite."""
-        values = dict(zip(self.names, self.sums.tolist())) if self.sums is not None else {}
+        sums = self.sums
+        if sums is not None and self.processes > 1:  # the mean over the ranks' shares
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= self.processes
+        values = dict(zip(self.names, sums.tolist())) if sums is not None else {}
         if "loss" in values and not math.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"training loss became {values['loss']} (summed) between steps {first_step} and {step}; {kept}"
@@ -163,19 +206,33 @@ def train(
     params: TrainingParams,
     checkpoint_path: Path,
     fingerprint: str,
+    workers: Workers = Workers(),
 ) -> TrainResult:
     """Train ``model`` on ``data`` (the train split) for ``params.max_steps`` optimiser steps.
 
     Resumes from ``checkpoint_path`` when it exists, ``params.resume`` is set and its fingerprint,
     device type and precision match; writes it atomically every ``checkpoint_every`` steps and at
     the end. A checkpoint beyond ``max_steps`` is refused: its weights are not those of a shorter
-    run.
+    run. With ``workers.size > 1`` the torch.distributed process group must be initialised (see
+    `cimd_pipeline.training.distributed`); each rank returns the same result.
     """
     if len(data) == 0:
         raise ValueError("the train split is empty: check alignment.split and the dataset size")
+    workers.share(params.batch_size)
     device = select_device(params.device)
+    if device.type == "cuda" and workers.size > 1:
+        device = torch.device("cuda", workers.local_rank)
+        torch.cuda.set_device(device)
     with deterministic_algorithms(device, params.deterministic):
-        return _train(model, data, params, checkpoint_path, fingerprint, device)
+        return _train(model, data, params, checkpoint_path, fingerprint, device, workers)
+
+
+def _same_everywhere(value: int, workers: Workers, device: torch.device) -> bool:
+    if workers.size == 1:
+        return True
+    low_high = torch.tensor([-value, value], device=device)
+    dist.all_reduce(low_high, op=dist.ReduceOp.MAX)
+    return -int(low_high[0]) == int(low_high[1])
 
 
 def _train(
@@ -185,6 +242,7 @@ def _train(
     checkpoint_path: Path,
     fingerprint: str,
     device: torch.device,
+    workers: Workers,
 ) -> TrainResult:
     model.to(device)
     ema = EMA(model, params.ema_decay, params.ema_warmup)
@@ -205,8 +263,18 @@ def _train(
         step, history, saved_window = int(state["step"]), list(state["history"]), dict(state["window"])
         seconds_before = float(state["seconds"])
         logger.info("resuming training from step %d (%s)", step, checkpoint_path)
+    if not _same_everywhere(step, workers, device):
+        raise RuntimeError(
+            f"the training processes found different checkpoints at {checkpoint_path} (rank {workers.rank}: "
+            f"step {step}): put training.checkpoint_dir on a file system every machine shares"
+        )
     resumed_from = saved_at = read_at = step
-    window = LossWindow(device, saved_window)
+    window = LossWindow(device, saved_window, workers.size)
+    start, stop = workers.share(params.batch_size)
+    losses = model.losses
+    if workers.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        losses = DistributedDataParallel(_Losses(model), device_ids=ids)
     use_bf16 = settings["precision"] == "bf16"
     started = time.perf_counter()
 
@@ -228,12 +296,15 @@ def _train(
         )
 
     model.train()
-    bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress, desc="training", unit="step")
+    bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress or workers.rank > 0, desc="training", unit="step")
     while step < params.max_steps:
         index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
-        image, masks, valid = _batch(data, index.numpy(), device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            terms = model.losses(image, masks, valid, generator)
+        image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
+        with (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
+            draws.batch_share(start, stop, params.batch_size),
+        ):
+            terms = losses(image, masks, valid, generator)
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimiser.step()
@@ -253,7 +324,8 @@ def _train(
                 values = {}
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if save_due:
-                checkpoint(values)
+                if workers.rank == 0:
+                    checkpoint(values)
                 saved_at = step
         bar.update(1)
     bar.close()

@@ -13,7 +13,7 @@ from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.data.readers import reader_preprocessing
 from cimd_pipeline.models.trained import TrainedModel, build_model
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
-from cimd_pipeline.training.loop import train
+from cimd_pipeline.training.distributed import train_data_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,12 @@ def train_model(
     net = build_model(model_params, train_set.image_channels)
     parameters = sum(p.numel() for p in net.parameters())
     logger.info("training %s (%d parameters) on %d cases", model_params.variant.value, parameters, len(train_set))
-    result = train(net, train_set, train_params, checkpoint, fingerprint)
+    result, workers = train_data_parallel(net, train_set, train_params, checkpoint, fingerprint)
+    if workers.rank > 0:
+        # A torchrun rank other than 0 has done its share; rank 0 writes the model and logs the
+        # run (kedro-mlflow is off in these processes, see settings.py).
+        logger.info("torchrun rank %d: training done, leaving the model to rank 0", workers.rank)
+        raise SystemExit(0)
     trained = TrainedModel(
         model=plain,
         image_channels=train_set.image_channels,
