@@ -203,8 +203,8 @@ def test_self_conditioned_sampling_feeds_the_estimate_from_the_current_x_t(monke
     calls = []
     original = net.model_output
 
-    def model_output(x_t, image, t, condition):
-        out = original(x_t, image, t, condition)
+    def model_output(x_t, image, t, condition, z=None):
+        out = original(x_t, image, t, condition, z)
         calls.append((x_t.clone(), t.clone(), condition.clone(), out.clone()))
         return out
 
@@ -267,8 +267,8 @@ def test_self_conditioning_first_pass_gives_the_estimate_from_the_same_x_t(monke
     calls = []
     original = net.model_output
 
-    def model_output(x_t, image, t, condition):
-        out = original(x_t, image, t, condition)
+    def model_output(x_t, image, t, condition, z=None):
+        out = original(x_t, image, t, condition, z)
         calls.append((x_t.clone(), t.clone(), condition.clone(), out.clone()))
         return out
 
