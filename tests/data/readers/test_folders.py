@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cimd_pipeline.data.readers import get_reader
+from cimd_pipeline.data.readers.common import warn_dominant_group
 from cimd_pipeline.errors import ConfigError, DataError
 
 HPUNET = {"images_folder": "images", "masks_folder": "gt", "group_regex": r"([^/]+)/[^/]+$"}
@@ -301,3 +302,13 @@ def test_a_path_naming_two_splits_is_refused(tmp_path: Path):
     folder = cimd_case(tmp_path / "train" / "test", 1)
     with pytest.raises(DataError, match=names(folder, r"path names two splits \(test, train\)")):
         read(tmp_path, **CIMD, case_glob="*/*/*")
+
+
+@pytest.mark.parametrize(
+    ("groups", "warned"),
+    [("aabc", False), ("aaab", True), ("aab", True), ("aa", False), ("abab", False)],
+)
+def test_dominant_group_warning_above_half_of_three_or_more_cases(groups: str, warned: bool, caplog):
+    with caplog.at_level("WARNING"):
+        warn_dominant_group({f"c{i}": g for i, g in enumerate(groups)}, "rx", Path("root"))
+    assert (f"group_regex 'rx' puts {groups.count('a')} of {len(groups)} cases" in caplog.text) is warned

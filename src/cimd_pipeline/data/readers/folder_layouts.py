@@ -9,9 +9,10 @@ gets rater 1 flagged invalid, instead of every later rater moving up a slot.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -183,7 +184,7 @@ def rater_folder_files(root: Path, opts: FolderOptions) -> dict[str, CaseFiles]:
     return dict(sorted(cases.items()))
 
 
-LAYOUTS: dict[str, Any] = {
+LAYOUTS: dict[str, Callable[[Path, FolderOptions], dict[str, CaseFiles]]] = {
     "flat": flat_files,
     "per_case": per_case_files,
     "rater_folders": rater_folder_files,
