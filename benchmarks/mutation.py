@@ -126,7 +126,7 @@ def prepare(workdir: Path, module: str, resume: bool) -> None:
 
 
 def previous_survivors(workdir: Path, module: str) -> list[str]:
-    """Names of the mutants that survived an earlier run in ``workdir`` (re-tested on --resume)."""
+    """Names of the mutants in ``workdir`` that no test detected (re-tested on --resume)."""
     names = []
     for meta in meta_files(workdir, module):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
@@ -184,7 +184,7 @@ def describe(workdir: Path, name: str, status: str, path: str) -> Survivor:
     added = [line[1:] for line in diff if line.startswith("+") and not line.startswith("+++")]
     before, after = (removed or [""])[0], (added or [""])[0]
     where = path
-    lines = (ROOT / path).read_text().splitlines()
+    lines = (workdir / path).read_text().splitlines()  # the copy that was mutated
     function = name.rsplit(".", 1)[-1].rsplit("__mutmut_", 1)[0]
     first, last = function_spans("\n".join(lines)).get(function, (1, len(lines)))
     hits = [i + 1 for i in range(first - 1, last) if lines[i].strip() == before.strip()]
@@ -272,12 +272,16 @@ def main() -> None:
             seconds = float((workdir / "seconds.txt").read_text()) if (workdir / "seconds.txt").exists() else 0.0
             results.append(collect(workdir, module, seconds))
             continue
-        rerun = previous_survivors(workdir, module) if args.resume else []
+        earlier = 0.0  # a resumed run adds to the time of the run it continues
+        if args.resume and (workdir / "seconds.txt").exists():
+            earlier = float((workdir / "seconds.txt").read_text())
         prepare(workdir, module, args.resume)
         log.info("%s: mutating %s", module, ", ".join(MODULES[module][0]))
-        seconds = run_mutmut(workdir, args.children, [])
-        if rerun:  # survivors of the earlier run, against the current tests
+        seconds = run_mutmut(workdir, args.children, [])  # on --resume: changed functions only
+        rerun = previous_survivors(workdir, module) if args.resume else []
+        if rerun:  # kept survivors of the earlier run, against the current tests
             seconds += run_mutmut(workdir, args.children, rerun)
+        seconds += earlier
         (workdir / "seconds.txt").write_text(f"{seconds:.1f}\n")
         result = collect(workdir, module, seconds)
         log.info("%s: %d mutants, kill rate %.1f %% in %.1f min", module, result.total,
