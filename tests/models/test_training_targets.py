@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cimd_pipeline.config import ModelParams, SamplingParams
+from cimd_pipeline.models.ambiguity import Covariance
 from cimd_pipeline.models.cimd import CIMD, pick_raters
 from cimd_pipeline.models.prob_unet import chosen_rater
 
@@ -284,3 +285,30 @@ def test_self_conditioning_first_pass_gives_the_estimate_from_the_same_x_t(monke
             x_t, t, _, out = calls[0]
             torch.testing.assert_close(calls[1][2], net.x0_estimate(out, x_t, t))
     assert 0 < two_pass < 8
+
+
+def test_the_model_block_reaches_the_encoders_and_the_diffusion():
+    def net(**block):
+        return CIMD(ModelParams.model_validate({"unet": TINY_UNET, "ambiguity_nets": {"filters": [8, 8, 8, 8]},
+                                                **block}), image_channels=2)
+
+    assert net(variant="cimd_fc").amn.covariance is net(variant="cimd_fc").acn.covariance is Covariance.FULL
+    assert net(variant="cimd_aa").amn.covariance is net(variant="cimd_aa").acn.covariance is Covariance.DIAGONAL
+    assert net(variant="ddpm_prob").amn is None and net(variant="ddpm_prob").acn is None
+    custom = net(variant="ddpm_prob", beta_end=0.03, loss_weighting="min_snr", min_snr_gamma=2.0)
+    assert custom.diffusion.betas[-1] == pytest.approx(0.03)
+    assert custom.diffusion.loss_weighting.value == "min_snr" and custom.diffusion.min_snr_gamma == 2.0
+
+
+def test_only_an_x0_prediction_is_scaled_and_bounded(monkeypatch):
+    raw = torch.full((2, 2, 16, 16), 3.0)
+    for block, expected in [
+        ({"prediction_type": "eps", "input_scale": 0.5}, 3.0),  # eps and v are never scaled
+        ({"prediction_type": "x0", "output_activation": "tanh"}, float(torch.tanh(torch.tensor(3.0)))),
+        ({"prediction_type": "x0", "input_scale": 0.5}, 1.5),
+    ]:
+        net = CIMD(ModelParams.model_validate({"variant": "ddpm_prob", "unet": TINY_UNET, **block}), image_channels=2)
+        monkeypatch.setattr(net.denoiser, "forward", lambda *args, **kwargs: raw)
+        out = net.model_output(torch.zeros(2, 1, 16, 16), torch.zeros(2, 2, 16, 16), torch.tensor([0, 1]), None)
+        torch.testing.assert_close(out[:, :1], torch.full((2, 1, 16, 16), expected))
+        torch.testing.assert_close(out[:, 1:], raw[:, 1:])  # the variance channel as the network gave it
