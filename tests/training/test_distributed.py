@@ -48,7 +48,7 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(data, tmp_path, on
     assert_same_weights(single.ema_state, double.ema_state)
     assert [h["step"] for h in double.history] == [h["step"] for h in single.history]
     for mine, theirs in zip(double.history, single.history):
-        assert mine == pytest.approx(theirs, rel=1e-5)
+        assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-6)  # kl is ~1e-5 itself
     # not a trivial equality: the weights moved away from the initialisation
     start = fresh().state_dict()
     assert any(not torch.allclose(start[k], v) for k, v in single_state["model"].items())
