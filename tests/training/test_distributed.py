@@ -7,6 +7,8 @@ differently), and a checkpoint continues with another process count.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,9 +56,12 @@ def test_two_gloo_processes_follow_the_one_process_trajectory(data, tmp_path, on
     assert any(not torch.allclose(start[k], v) for k, v in single_state["model"].items())
 
 
-def test_a_two_process_run_continues_in_one_process_to_the_same_weights(data, tmp_path, one_process):  # noqa: F811
+def test_a_two_process_run_continues_in_one_process_to_the_same_weights(
+    data, tmp_path, one_process, monkeypatch  # noqa: F811
+):
     single, single_state = one_process
-    path = tmp_path / "last.pt"
+    monkeypatch.chdir(tmp_path)
+    path = Path("checkpoints") / "last.pt"  # relative, as conf/base's checkpoint_dir
     partial = spawn_training(fresh(), data, params(max_steps=2, num_processes=2), path, "fp")
     assert partial.steps == 2 and load_checkpoint(path)["step"] == 2
     resumed = train(fresh(), data, params(max_steps=STEPS, checkpoint_every=2), path, "fp")

@@ -86,7 +86,7 @@ def spawn_training(
     Workers(0, size).share(params.batch_size)  # fail here, not in every worker
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".spawn-", dir=checkpoint_path.parent) as scratch:
-        folder = Path(scratch)
+        folder = Path(scratch).resolve()  # file:// needs an absolute path (checkpoint_dir may be relative)
         for name in ARRAYS:
             np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(data, name)))
         logger.info("training in %d processes (%s)", size, backend_for(params))
