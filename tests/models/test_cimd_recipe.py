@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from cimd_pipeline.config import ModelParams, SamplingParams
+from cimd_pipeline.config import ModelParams, SamplingParams, validate_parameters
 from cimd_pipeline.errors import ConfigError
-from cimd_pipeline.config import validate_parameters
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.trained import TrainedModel
 from tests.models.test_cimd import TINY_UNET, batch
@@ -108,8 +107,8 @@ def test_the_recipe_travels_in_model_pt_and_rebuilds_the_same_sampler():
 
 def test_self_conditioned_cosine_training_resumes_to_exactly_the_uninterrupted_weights(tmp_path):
     from cimd_pipeline.training.loop import train
+    from tests.training.test_loop import data as _data_fixture
     from tests.training.test_loop import params as training
-    from tests.training.test_loop import data as _data_fixture  # noqa: F401
 
     data = _data_fixture.__wrapped__()
     model = recipe(variant="cimd_aa", noise_schedule="cosine", input_scale=0.1, loss_weighting="min_snr",

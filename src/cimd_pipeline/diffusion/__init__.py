@@ -28,8 +28,8 @@ from cimd_pipeline.diffusion.schedule import (
 __all__ = [
     "GaussianDiffusion",
     "LossWeighting",
-    "NoiseSchedule",
     "ModelFn",
+    "NoiseSchedule",
     "PredictionType",
     "approx_standard_normal_cdf",
     "cosine_betas",

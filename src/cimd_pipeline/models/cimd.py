@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from cimd_pipeline.config import ModelParams, SamplingParams, Variant
-from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.diffusion import (
     GaussianDiffusion,
     PredictionType,
@@ -41,6 +40,7 @@ from cimd_pipeline.diffusion import (
     sample,
     space_timesteps,
 )
+from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models import draws
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, kl_divergence
 from cimd_pipeline.models.denoiser import ConditionalDenoiser

@@ -1,0 +1,72 @@
+"""The recipe benchmarks: quality_sweep (resumable, staged budgets) and x0_error (per-t x0_hat error)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from cimd_pipeline.models.cimd import CIMD
+from tests.conftest import PROJECT, make_project_copy
+from tests.models.test_cimd import batch, tiny
+from tests.test_benchmarks import run_script
+
+
+@pytest.fixture
+def x0_error(monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT / "benchmarks"))
+    import x0_error
+
+    return x0_error
+
+
+def test_bucket_edges_cover_the_schedule_log_spaced(x0_error):
+    edges = x0_error.bucket_edges(1000, 10)
+    assert edges[0] == 0 and edges[-1] == 1000 and (edges[1:] > edges[:-1]).all()
+    assert edges[1] - edges[0] < edges[-1] - edges[-2]  # finer at small t
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x_t, image, t, extra=None):
+        return torch.cat([self.value[: len(x_t)], torch.zeros_like(self.value[: len(x_t)])], 1)
+
+
+def test_x0_error_is_zero_for_a_perfect_predictor_and_one_for_zeros(x0_error):
+    image, masks, valid = batch()
+    valid = torch.zeros_like(valid)
+    valid[:, 0] = True  # rater 0 is the target
+    net = CIMD(tiny("ddpm_prob").model_copy(update={"input_scale": 0.1}), image_channels=2)
+    net.denoiser = Constant(2.0 * masks[:, :1].float() - 1.0)
+    perfect = x0_error.x0_errors(net, image, masks, valid, buckets=4, per_bucket=2, seed=0)
+    assert len(perfect) == 4 and (perfect["x0_mse"] < 1e-10).all() and (perfect["wrong_pixels"] == 0).all()
+    net.denoiser = Constant(torch.zeros(3, 1, 16, 16))
+    blind = x0_error.x0_errors(net, image, masks, valid, buckets=4, per_bucket=2, seed=0)
+    assert torch.allclose(torch.tensor(blind["x0_mse"].to_numpy()), torch.ones(4, dtype=torch.float64))
+    assert blind["wrong_pixels"].iloc[0] == pytest.approx(float((masks[:, 0] > 0).float().mean()))
+
+
+@pytest.mark.slow
+def test_quality_sweep_trains_in_stages_resumes_and_reports(tmp_path):
+    project = make_project_copy(tmp_path / "project")
+    out = tmp_path / "sweep"
+    args = ("--env", "test", "--configs", "default", "literature", "--steps", "2", "4", "--samplers", "ddim3",
+            "--final-samplers", "ddpm3@2", "--jobs", "1", "--out", str(out))
+    run_script(project, "quality_sweep.py", *args)
+    rows = pd.read_csv(out / "quality_sweep.csv")
+    assert len(rows) == 2 * 3 and set(rows["config"]) == {"default", "literature"}
+    assert sorted(rows.loc[rows["sampler"] == "ddim3", "train_steps"]) == [2, 2, 4, 4]
+    assert set(rows.loc[rows["sampler"] == "ddpm3@2", "test_cases"]) == {2}
+    assert rows["ged"].between(0, 2).all() and (rows["ged_oracle"] > 0).all()
+    from cimd_pipeline.io.model_dataset import TrainedModelDataset
+
+    later = TrainedModelDataset(str(out / "models" / "literature-0-4.pt")).load()
+    assert later.info["resumed_from"] == 2 and later.params.input_scale == 0.1  # continued, not retrained
+    assert (out / "quality_sweep.png").stat().st_size > 0
+    before = {p: p.stat().st_mtime for p in (out / "rows").glob("*.csv")}
+    log = run_script(project, "quality_sweep.py", *args)
+    assert "0 (config, seed) runs to do" in log
+    assert {p: p.stat().st_mtime for p in (out / "rows").glob("*.csv")} == before
