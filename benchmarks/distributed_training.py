@@ -5,7 +5,13 @@ cases at the same global batch for the same steps; the figure is the training lo
 (`TrainResult.seconds`: the steps, not process start-up or model construction) per step, and
 images per second. On a GPU machine the N processes use NCCL, one GPU each.
 
+The model FLOPs of one training step (forward and backward of the loss, counted by PyTorch's
+`FlopCounterMode` on one batch) turn the step time into achieved TFLOP/s, and with
+``--peak-tflops`` (the accelerator's dense peak at the training precision, e.g. about 990 for an
+H100/H200 SXM at bf16) into model FLOP utilisation.
+
     python benchmarks/distributed_training.py --processes 1 2 --steps 30
+    python benchmarks/distributed_training.py --lidc --processes 1 --steps 20 --peak-tflops 990
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.models.trained import build_model
 from cimd_pipeline.training.distributed import spawn_training
 from cimd_pipeline.training.loop import select_device, train
+from cimd_pipeline.training.model_flops import training_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +47,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
     parser.add_argument("--lidc", action="store_true", help="conf/lidc's model at 128x128")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak TFLOP/s at the training precision (for MFU)")
     args = parser.parse_args()
     env = "lidc" if args.lidc else "base"
     model = {**conf_block("training", "base")["model"], **conf_block("training", env).get("model", {})}
@@ -56,7 +65,10 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     print(f"model: {env} {params.variant.value}, UNet {list(params.unet.channels)} at {size}x{size}, "
           f"global batch {args.batch}, {args.steps} steps")
-    print("| processes | s/step | images/s | speed-up |\n|---|---|---|---|")
+    torch.manual_seed(0)
+    flops = training_step_flops(build_model(params, data.image_channels), data, args.batch)
+    print(f"model FLOPs per training step (batch {args.batch}): {flops / 1e12:.3f} TFLOP")
+    print("| processes | s/step | images/s | speed-up | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     first = None
     for n in args.processes:
         torch.manual_seed(0)
@@ -68,7 +80,10 @@ def main() -> None:
             result = train(net, data, training, path, "bench") if n == 1 else spawn_training(net, data, training, path, "bench")
         per_step = result.seconds / args.steps
         first = first or per_step
-        print(f"| {n} | {per_step:.3f} | {args.batch / per_step:.1f} | {first / per_step:.2f}x |", flush=True)
+        achieved = flops / per_step / 1e12
+        mfu = f"{achieved / args.peak_tflops:.1%}" if args.peak_tflops else "-"
+        print(f"| {n} | {per_step:.3f} | {args.batch / per_step:.1f} | {first / per_step:.2f}x "
+              f"| {achieved:.3g} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":
