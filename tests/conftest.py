@@ -1,4 +1,10 @@
-"""Shared fixtures: a throw-away copy of the Kedro project to run pipelines in."""
+"""Shared fixtures: a throw-away copy of the Kedro project to run pipelines in.
+
+The suite runs in parallel pytest-xdist workers (``-n auto`` in pyproject.toml), one per core.
+Every test process, and every ``kedro run`` it starts, therefore uses one torch thread: torch's
+default of one thread per core, in several processes at once, makes the threads spin against each
+other (measured on 2 cores: a 6 s training test took 74 s beside a second worker).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every subprocess a test starts
+torch.set_num_threads(1)
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +38,8 @@ def make_project_copy(target: Path) -> Path:
 
 def run_kedro(project: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``kedro run ARGS`` in ``project`` in a fresh interpreter; fail with its output."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    # wide COLUMNS: rich wraps log lines at the terminal width, splitting the messages tests check
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "2000"}
     proc = subprocess.run(
         [sys.executable, "-m", "kedro", "run", *args],
         cwd=project,
@@ -46,3 +57,13 @@ def run_kedro(project: Path, *args: str, check: bool = True, timeout: float = 60
 def kedro_project(tmp_path: Path) -> Path:
     """A fresh copy of the project in a temporary folder."""
     return make_project_copy(tmp_path / "project")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep each test file on one xdist worker (``--dist loadgroup``), so its module-scoped fixtures
+    (a trained model, a finished ``kedro run``) are built once, and keep the files that share the
+    session's twin ``kedro run``s (tests/reliability/conftest.py) on one worker with them."""
+    files_with_twins = {item.path for item in items if "twin_runs" in item.fixturenames}
+    for item in items:
+        group = "twin_runs" if item.path in files_with_twins else str(item.path.relative_to(PROJECT))
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -77,6 +77,7 @@ def kedro_env(**extra: str) -> dict[str, str]:
         "KEDRO_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
+        "COLUMNS": "2000",  # rich wraps log lines at the terminal width, splitting checked messages
         **extra,
     }
 

@@ -278,7 +278,7 @@ def _train(
     use_bf16 = settings["precision"] == "bf16"
     started = time.perf_counter()
 
-    def checkpoint(window_values: dict[str, float]) -> None:
+    def checkpoint(window_values: dict[str, float], seconds: float) -> None:
         save_checkpoint(
             {
                 **settings,
@@ -290,7 +290,7 @@ def _train(
                 "step": step,
                 "history": history,
                 "window": window_values,
-                "seconds": seconds_before + time.perf_counter() - started,
+                "seconds": seconds,
             },
             checkpoint_path,
         )
@@ -324,13 +324,17 @@ def _train(
                 values = {}
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if save_due:
+                # one clock reading for the checkpoint and, at the last step, the result: a resumed
+                # run then continues from exactly the training time this run reports
+                seconds = seconds_before + time.perf_counter() - started
                 if workers.rank == 0:
-                    checkpoint(values)
+                    checkpoint(values, seconds)
                 saved_at = step
         bar.update(1)
     bar.close()
-    elapsed = time.perf_counter() - started
-    seconds = seconds_before + elapsed
+    if step == resumed_from:  # nothing left to train: only the time of this call
+        seconds = seconds_before + time.perf_counter() - started
+    elapsed = seconds - seconds_before
     logger.info(
         "trained %d steps (%d new, %.1f s) on %s; %.1f s of training in all",
         step, step - resumed_from, elapsed, device, seconds,
