@@ -64,7 +64,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("tests/diffusion",),
     ),
     "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_resume_rules.py")),
-    "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py", "tests/data/test_alignment_rules.py")),
+    "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py",)),
 }
 # Detected: the tests failed (killed, pytest error), ran past mutmut's limit (timeout) or crashed.
 DETECTED = {"killed", "timeout", "segfault", "suspicious", "caught by type check"}

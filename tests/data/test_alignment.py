@@ -1,7 +1,13 @@
+"""Alignment: value sets and dtypes, the message of every refusal, which resampling mode a resize
+uses, how volumes are sliced (oracle included), splits, and that `align_cases` hands each of its
+options to the step that needs it."""
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from cimd_pipeline.data.splits import assign_splits
+from cimd_pipeline.data.splits import assign_splits, choose_splits
 from cimd_pipeline.data.alignment import (
     Normalisation,
     ResizeMode,
@@ -91,3 +97,251 @@ def test_aligned_output_shapes_dtypes_value_sets():
 def test_stack_refuses_empty_dataset():
     with pytest.raises(DataError, match="empty dataset"):
         stack_cases([], {"train": 1.0, "test": 0.1}, 0)
+
+
+FRACTIONS = {"train": 0.5, "val": 0.25, "test": 0.25}
+
+
+# --- binarise --------------------------------------------------------------------------------
+
+
+def test_binarise_threshold_is_strict_and_output_is_uint8():
+    out = binarise(np.array([[0.2, 0.5, 0.51]]), 0.5, "f")
+    np.testing.assert_array_equal(out, [[0, 0, 1]])
+    assert out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [([0, 1], np.int64), ([0, 1], np.float64), ([0, 1], bool), ([0, 255], np.int64), ([0, 255], np.float64)],
+)
+def test_binarise_known_encodings_give_uint8(values, dtype):
+    out = binarise(np.array([values, values[::-1]], dtype=dtype), None, "f")
+    np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
+    assert out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("values", "shown"),
+    [
+        ([0, 3, 200], "0, 3, 200"),
+        ([0, 0.5, 1, 2, 3, 4], "0, 0.5, 1, 2, 3, 4"),  # six values: all shown
+        ([0, 1, 2, 3, 4, 5, 6], "0, 1, 2, 3, 4, 5, ..."),  # seven: six and an ellipsis
+    ],
+)
+def test_binarise_refusal_names_file_values_and_the_parameter(values, shown):
+    with pytest.raises(DataError) as caught:
+        binarise(np.array([values]), None, "raters/r2/img_7.png")
+    assert str(caught.value) == (
+        f"raters/r2/img_7.png: non-binary rater masks (values {shown}) and no binarisation "
+        "threshold configured (set alignment.binarise_threshold)"
+    )
+
+
+# --- slice_volume ----------------------------------------------------------------------------
+
+
+def _volume(depth_axis_len=(5, 4, 3), raters=2, oracle=True, seed=0) -> Case:
+    """A (1, D, H, W) case with distinct values everywhere, so any mis-slicing shows."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(depth_axis_len)
+    image = rng.normal(size=(1, *shape)).astype(np.float32)
+    masks = (rng.random((raters, *shape)) < 0.3).astype(np.uint8)
+    orc = (rng.random((3, *shape)) < 0.5).astype(np.uint8) if oracle else None
+    return Case("vol", "p1", image, masks, np.ones(raters, bool), orc, {"source": "vol.nii.gz"})
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_volume_cuts_image_masks_and_oracle_along_the_axis(axis):
+    case = _volume()
+    pieces = slice_volume(case, axis, empty_share=1.0, rng=np.random.default_rng(0))
+    assert [p.meta["slice"] for p in pieces] == list(range(case.image.shape[axis + 1]))
+    for k, piece in enumerate(pieces):
+        take = (slice(None),) * (axis + 1) + (k,)
+        np.testing.assert_array_equal(piece.image, case.image[take])
+        np.testing.assert_array_equal(piece.masks, case.masks[take])
+        np.testing.assert_array_equal(piece.oracle, case.oracle[take])
+        assert piece.case_id == f"vol_s{k:03d}" and piece.meta["source"] == "vol.nii.gz"
+
+
+def test_slice_volume_without_oracle_and_a_2d_case_passes_through():
+    pieces = slice_volume(_volume(oracle=False), 0, 1.0, np.random.default_rng(0))
+    assert len(pieces) == 5 and all(p.oracle is None for p in pieces)
+    flat = Case("c", "g", np.zeros((1, 4, 4), np.float32), np.zeros((2, 4, 4), np.uint8), np.ones(2, bool))
+    assert slice_volume(flat, 0, 0.0, np.random.default_rng(0)) == [flat]
+
+
+def test_slice_volume_keeps_each_empty_slice_by_its_own_draw():
+    depth = 40
+    masks = np.zeros((2, depth, 4, 4), np.uint8)
+    masks[0, [3, 17]] = 1  # two foreground slices
+    masks[1, 30] = 1  # drawn only by an invalid rater: counts as empty
+    case = Case("v", "g", np.zeros((1, depth, 4, 4), np.float32), masks, np.array([True, False]))
+    pieces = slice_volume(case, 0, empty_share=0.4, rng=np.random.default_rng(7))
+    draws = np.random.default_rng(7).random(depth)
+    expected = sorted({3, 17} | set(np.flatnonzero(draws < 0.4).tolist()))
+    assert [p.meta["slice"] for p in pieces] == expected
+    assert 2 < len(expected) < depth  # some empty slices kept, some dropped
+
+
+# --- fit_to_size -----------------------------------------------------------------------------
+
+
+def test_fit_to_size_returns_an_array_already_at_size_untouched():
+    image = np.random.default_rng(0).normal(size=(2, 6, 5))  # float64, kept as it is
+    for mode in ResizeMode:
+        assert fit_to_size(image, (6, 5), mode, False) is image
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16])
+def test_crop_pad_keeps_the_dtype(dtype):
+    array = np.ones((1, 3, 7), dtype)
+    out = fit_to_size(array, (5, 5), ResizeMode.CROP_PAD, False)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out[0], np.pad(np.ones((3, 5)), ((1, 1), (0, 0))))
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "mode"),
+    [
+        ((8, 8), (3, 3), "area"),  # both shrink
+        ((8, 8), (8, 3), "area"),  # one kept, one shrinks
+        ((8, 8), (3, 8), "area"),
+        ((8, 8), (12, 12), "bilinear"),  # both grow
+        ((8, 8), (16, 3), "bilinear"),  # rows grow: no area averaging
+        ((8, 8), (3, 16), "bilinear"),
+        ((6, 16), (10, 8), "bilinear"),  # rows grow though both sizes fit the wider side
+        ((16, 6), (8, 10), "bilinear"),
+    ],
+)
+def test_resize_averages_areas_only_when_both_sides_shrink(shape, size, mode):
+    image = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    out = fit_to_size(image, size, ResizeMode.RESIZE, False)
+    reference = F.interpolate(torch.from_numpy(image)[None], size=size, mode=mode)[0].numpy()
+    assert out.dtype == np.float32 and out.shape == (2, *size)
+    np.testing.assert_allclose(out, reference, atol=1e-6)
+    other = F.interpolate(torch.from_numpy(image)[None], size=size,
+                          mode="bilinear" if mode == "area" else "area")[0].numpy()
+    assert not np.allclose(out, other, atol=1e-3)  # the case tells the two modes apart
+
+
+def test_resized_image_keeps_its_values_and_float32():
+    image = np.arange(16, dtype=np.float64).reshape(1, 4, 4) * 10  # far outside {0, 1}
+    out = fit_to_size(image, (2, 2), ResizeMode.RESIZE, is_mask=False)
+    np.testing.assert_allclose(out[0], [[25, 45], [105, 125]])
+    assert out.dtype == np.float32
+
+
+def test_resized_mask_keeps_pixels_covered_at_least_half():
+    mask = np.array([[[1, 0, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]], np.uint8)
+    out = fit_to_size(mask, (2, 2), ResizeMode.RESIZE, is_mask=True)
+    np.testing.assert_array_equal(out[0], [[1, 1], [0, 1]])  # coverage 0.5, 0.5, 0, 0.75
+    assert out.dtype == np.uint8
+
+
+# --- normalise -------------------------------------------------------------------------------
+
+
+def test_minmax_is_per_channel_and_resolves_a_tiny_range():
+    image = np.stack([np.linspace(-3, 5, 16), np.linspace(2, 2.001, 16)]).reshape(2, 4, 4)
+    out = normalise(image, Normalisation.MINMAX)
+    for channel in out:
+        assert channel.min() == pytest.approx(0, abs=1e-6) and channel.max() == pytest.approx(1, abs=1e-3)
+    np.testing.assert_array_equal(normalise(np.full((1, 3, 3), 7.0), Normalisation.MINMAX), 0)
+
+
+def test_no_normalisation_only_casts_to_float32():
+    image = np.arange(12, dtype=np.int32).reshape(1, 3, 4)
+    out = normalise(image, Normalisation.NONE)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, image)
+
+
+# --- align_cases -----------------------------------------------------------------------------
+
+
+def _align(cases, **overrides):
+    options = dict(size=(4, 4), resize_mode=ResizeMode.RESIZE, normalisation=Normalisation.ZSCORE,
+                   binarise_threshold=None, slice_axis=0, empty_slice_share=1.0, seed=0)
+    options.update(overrides)
+    return list(align_cases(cases, **options))
+
+
+def test_align_applies_each_step_with_its_option():
+    case = _volume(depth_axis_len=(3, 8, 6), oracle=True)
+    case.masks = case.masks * 0.9  # soft masks: only a threshold makes them binary
+    case.oracle = case.oracle * 0.8
+    for mode in ResizeMode:
+        for norm in (Normalisation.MINMAX, Normalisation.NONE):
+            out = _align([case], size=(4, 4), resize_mode=mode, normalisation=norm,
+                         binarise_threshold=0.5, slice_axis=1)
+            assert [p.meta["slice"] for p in out] == list(range(8))
+            for k, piece in enumerate(out):
+                image = fit_to_size(case.image[:, :, k], (4, 4), mode, False)
+                np.testing.assert_allclose(piece.image, normalise(image, norm), atol=1e-6)
+                masks = fit_to_size((case.masks[:, :, k] > 0.5).astype(np.uint8), (4, 4), mode, True)
+                np.testing.assert_array_equal(piece.masks, masks)
+                oracle = fit_to_size((case.oracle[:, :, k] > 0.5).astype(np.uint8), (4, 4), mode, True)
+                np.testing.assert_array_equal(piece.oracle, oracle)
+                assert piece.masks.dtype == np.uint8 and piece.oracle.dtype == np.uint8
+
+
+def test_align_draws_empty_slices_from_its_seed():
+    case = _volume(depth_axis_len=(30, 4, 4), oracle=False)
+    case.masks[:] = 0
+    case.masks[0, 4] = 1
+    kept = {seed: [p.meta["slice"] for p in _align([case], empty_slice_share=0.5, seed=seed)] for seed in (3, 4)}
+    for seed, slices in kept.items():
+        draws = np.random.default_rng(seed).random(30)
+        assert slices == sorted({4} | set(np.flatnonzero(draws < 0.5).tolist()))
+    assert kept[3] != kept[4]
+
+
+def test_align_refusal_names_the_source_file_or_else_the_case():
+    soft = Case("case_9", "g", np.zeros((1, 4, 4), np.float32), np.full((2, 4, 4), 0.3), np.ones(2, bool))
+    with pytest.raises(DataError, match=r"^case_9: non-binary"):
+        _align([soft])
+    soft.meta["source"] = "rater_1/case_9.png"
+    with pytest.raises(DataError, match=r"^rater_1/case_9\.png: non-binary"):
+        _align([soft])
+    soft.masks = np.zeros((2, 4, 4), np.uint8)
+    soft.oracle = np.full((3, 4, 4), 0.3)
+    with pytest.raises(DataError, match=r"^rater_1/case_9\.png: non-binary"):
+        _align([soft])  # the oracle is checked like the raters' masks
+
+
+# --- stack_cases -----------------------------------------------------------------------------
+
+
+def _flat(case_id, channels=1, oracle=True, seed=0):
+    rng = np.random.default_rng(seed)
+    return Case(case_id, f"g_{case_id}", rng.normal(size=(channels, 4, 4)).astype(np.float32),
+                (rng.random((2, 4, 4)) < 0.5).astype(np.uint8), np.ones(2, bool),
+                (rng.random((3, 4, 4)) < 0.5).astype(np.uint8) if oracle else None)
+
+
+def test_stack_refusals_name_the_stage_and_the_problem():
+    with pytest.raises(DataError) as caught:
+        stack_cases([], FRACTIONS, 0)
+    assert str(caught.value) == "mask_alignment: empty dataset after slicing and filtering"
+    with pytest.raises(DataError) as caught:
+        stack_cases([_flat("a"), _flat("b", channels=2)], FRACTIONS, 0)
+    assert str(caught.value) == "mask_alignment: cases have different channel counts [1, 2]"
+
+
+def test_stack_of_one_case_and_of_cases_with_and_without_oracle():
+    one = stack_cases([_flat("a")], {"test": 1.0}, 0)
+    assert one.images.shape == (1, 1, 4, 4) and one.oracle.shape == (1, 3, 4, 4)
+    mixed = stack_cases([_flat("a"), _flat("b", oracle=False)], {"train": 0.5, "test": 0.5}, 0)
+    assert mixed.oracle is None and mixed.masks.shape == (2, 2, 4, 4)
+
+
+def test_stack_splits_follow_the_seed():
+    cases = [_flat(f"c{i}", seed=i) for i in range(24)]
+    first = stack_cases(cases, FRACTIONS, 5).cases
+    again = stack_cases(cases, FRACTIONS, 5).cases
+    other = stack_cases(cases, FRACTIONS, 6).cases
+    expected = choose_splits(first.drop(columns="split"), FRACTIONS, 5)
+    np.testing.assert_array_equal(first["split"], expected)
+    np.testing.assert_array_equal(first["split"], again["split"])
+    assert list(first["split"]) != list(other["split"])
