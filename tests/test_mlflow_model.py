@@ -37,3 +37,16 @@ def test_pyfunc_refuses_wrong_shapes_and_nan(pyfunc):
         pyfunc.predict(np.zeros((2, 16, 16), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         pyfunc.predict(np.full((1, 1, 16, 16), np.nan, np.float32))
+
+
+def test_pyfunc_samples_in_its_own_process_whatever_the_run_used(pyfunc, monkeypatch):
+    from cimd_pipeline import mlflow_model
+
+    seen, original = [], mlflow_model.sample_maps
+    monkeypatch.setattr(mlflow_model, "sample_maps", lambda *a: seen.append(a[4].num_processes) or original(*a))
+    images = np.random.default_rng(1).normal(size=(2, 1, 16, 16)).astype(np.float32)
+    alone = pyfunc.predict(images)
+    monkeypatch.setitem(pyfunc.unwrap_python_model().sampling, "num_processes", 2)  # a sharded run
+    served = pyfunc.predict(images)
+    assert seen == [1, 1]
+    assert np.array_equal(alone["samples"], served["samples"])

@@ -75,7 +75,9 @@ class CIMDPyfuncModel(mlflow.pyfunc.PythonModel):
         names = [str(name) for name in np.asarray(names).ravel()]
         if len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images: give one name per image")
-        sampling = SamplingParams.model_validate({**self.sampling, "progress": False})
+        # one process: a served model answers each request in its own worker, and spawning
+        # sampling.num_processes workers per call would cost more than the call
+        sampling = SamplingParams.model_validate({**self.sampling, "progress": False, "num_processes": 1})
         maps = sample_maps(self.net, self.trained, [image[None] for image in images], names, sampling, self.device)
         names = ("samples", "mean", "variance", "entropy")
         return {name: np.stack([getattr(m, name)[0] for m in maps]) for name in names}
