@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from cimd_pipeline.config import ModelParams, SamplingParams
 from cimd_pipeline.diffusion.noise import RowGenerators, randn, stream_seed
-from cimd_pipeline.ensembles import draw_ensembles
+from cimd_pipeline import ensembles, sharded_sampling
+from cimd_pipeline.ensembles import draw_ensembles, draw_rows, row_batches
 from cimd_pipeline.errors import SamplingError
 from cimd_pipeline.models.trained import build_model
 
@@ -86,8 +87,102 @@ def test_the_next_seed_reuses_none_of_the_previous_seeds_noise():
 def test_row_generators_draw_each_row_from_its_own_stream():
     rows = RowGenerators([5, 6, 7], CPU).randn((3, 2))
     assert torch.equal(rows[1], torch.randn((1, 2), generator=torch.Generator().manual_seed(6))[0])
-    with pytest.raises(ValueError, match="2 rows requested from 3"):
-        RowGenerators([5, 6, 7], CPU).randn((2, 2))
+    with pytest.raises(ValueError, match="^noise for 2 rows requested from 3 row generators$"):
+        RowGenerators([5, 6, 7], CPU).randn((2, 5))
+    assert RowGenerators([5], "cpu").device == CPU
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_noise_has_the_requested_dtype_and_shape_from_every_source(rows):
+    shape = (rows, 1, 3, 4)
+    for generator in (RowGenerators(range(rows), CPU), torch.Generator().manual_seed(0), None):
+        noise = randn(shape, generator, CPU, torch.float64)
+        assert noise.shape == shape and noise.dtype == torch.float64, generator
+    assert RowGenerators(range(rows), CPU).randn(shape, torch.float64).dtype == torch.float64
+
+
+def test_row_batches_cover_the_rows_once_in_order():
+    assert row_batches(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert row_batches(6, 3) == [range(0, 3), range(3, 6)]
+
+
+class SpyNet(nn.Module):
+    """Records the batches it is given and returns zeros (a Segmenter that samples nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Tensor] = []
+
+    def sample(self, image: Tensor, params: SamplingParams, generator=None) -> Tensor:
+        self.seen.append(image)
+        return torch.zeros(len(image), 1, *image.shape[2:])
+
+
+def test_rows_of_a_later_shard_see_their_own_images_as_float32_on_the_device(monkeypatch):
+    images = patterns(5).astype(np.float64)
+    keys = np.array([f"case_{i}" for i in range(5)])
+    whole = draw_rows(CopyImageNet(), images, keys, params(), CPU, range(6, 13), "m")
+    shard = draw_rows(CopyImageNet(), images[2:], keys[2:], params(), CPU, range(6, 13), "m", first_image=2)
+    assert np.array_equal(shard, whole) and shard.dtype == np.float16
+    spy, devices = SpyNet(), []
+    monkeypatch.setattr(ensembles, "RowGenerators", lambda seeds, device: devices.append(device) or RowGenerators(seeds, CPU))
+    meta = torch.device("meta")
+    draw_rows(spy, images, keys, params(), meta, range(0, 4), "m")
+    assert spy.seen[0].device == meta and spy.seen[0].dtype == torch.float32 and devices == [meta]
+
+
+def test_sample_set_holds_string_ids_float16_soft_values_and_what_was_run():
+    images, ids = patterns(3), np.array([30, 10, 20])
+    samples = draw_ensembles(CopyImageNet(), images, ids, params(), CPU)
+    assert samples.case_ids.tolist() == ["30", "10", "20"]
+    named = draw_ensembles(CopyImageNet(), images, ids.astype(str), params(), CPU)
+    assert np.array_equal(samples.soft, named.soft)  # an id's stream is keyed by its text
+    assert samples.soft.dtype == np.float16 and samples.binary.dtype == np.uint8
+    assert samples.soft.shape == samples.binary.shape == (3, 3, 16, 16)
+    info = dict(samples.info)
+    seconds, rate = info.pop("seconds"), info.pop("masks_per_second")
+    assert info == {"method": "ddim", "steps": 4, "num_samples": 3, "seed": 0, "device": "cpu", "num_processes": 1}
+    assert seconds > 0 and rate == pytest.approx(9 / seconds)
+
+
+def test_progress_counts_every_mask(capsys):
+    draw_ensembles(CopyImageNet(), patterns(3), np.array(["a", "b", "c"]), params(progress=True), CPU)
+    assert "9/9 [" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("processes", "shards"), [(1, 0), (2, 1), (3, 1)])
+def test_more_than_one_process_shares_the_batches_out(monkeypatch, processes, shards):
+    calls = []
+
+    def sharded(net, images, keys, params, device, batches, source):
+        calls.append((device, batches, source))
+        return np.ones((sum(len(b) for b in batches), *images.shape[2:]), np.float16)
+
+    monkeypatch.setattr(sharded_sampling, "draw_sharded", sharded)
+    setting = params(num_processes=processes)
+    out = draw_ensembles(CopyImageNet(), patterns(3), np.array(["a", "b", "c"]), setting, CPU)
+    assert len(calls) == shards
+    if shards:
+        assert calls[0] == (CPU, row_batches(9, 4), "CopyImageNet") and out.binary.all()
+    one_batch = draw_ensembles(CopyImageNet(), patterns(1), np.array(["a"]), setting, CPU)  # 3 rows: 1 batch
+    assert len(calls) == shards and one_batch.info["num_processes"] == processes
+
+
+def test_diverged_rows_are_named_with_their_range_and_first_five_images():
+    class NanNet(nn.Module):
+        def sample(self, image, params, generator=None):
+            return torch.full((len(image), 1, *image.shape[2:]), torch.nan)
+
+    ids = np.array([f"case_{i}" for i in range(7)])
+    with pytest.raises(SamplingError) as caught:
+        draw_ensembles(NanNet(), patterns(7), ids, params(num_samples=1, batch_size=8), CPU)
+    assert str(caught.value) == (
+        "NanNet: 7 of 7 samples in rows 0-6 contain NaN or inf (ddim, 4 steps, eta 0.0; images case_0, "
+        "case_1, case_2, case_3, case_4 ...): the model or its noise schedule diverged, and "
+        "thresholding would turn these samples into empty masks"
+    )
+    with pytest.raises(SamplingError, match=r"rows 0-4 .*images case_0, case_1, case_2, case_3, case_4\):"):
+        draw_ensembles(NanNet(), patterns(5), ids[:5], params(num_samples=1, batch_size=8), CPU)
 
 
 def test_nan_samples_stop_with_the_method_steps_and_model_named():
