@@ -263,3 +263,12 @@ def test_loss_window_of_several_processes_is_the_mean_of_their_sums(tmp_path):
         assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}  # the reduction left the sums alone
     finally:
         dist.destroy_process_group()
+
+
+def test_an_empty_train_split_is_refused_and_one_case_is_enough(data, tmp_path):
+    with pytest.raises(ValueError) as error:
+        train(fresh(), data.take(np.array([], dtype=int)), params(), tmp_path / "a.pt", "fp")
+    assert str(error.value) == "the train split is empty: check alignment.split and the dataset size"
+    assert not (tmp_path / "a.pt").exists()
+    one = train(fresh(), data.take(np.array([0])), params(max_steps=2), tmp_path / "b.pt", "fp")
+    assert one.steps == 2
