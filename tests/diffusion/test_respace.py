@@ -148,3 +148,39 @@ def test_ddim50_eta0_is_deterministic_and_near_data_variance():
     assert math.prod(gain**2) == pytest.approx(S2, abs=0.03)  # 0.223: DDIM-50 under-disperses
     expected = math.prod(gain**2) * noise.var().item()
     assert runs[0].var().item() == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        (1, "steps must be in [2, 1000], got 1"),
+        (1001, "steps must be in [2, 1000], got 1001"),
+        ("ddim3000", "no integer stride gives 3000 steps out of 1000"),
+        ("fifty", "steps must be an int, 'N' or 'ddimN', got 'fifty'"),
+    ],
+)
+def test_space_timesteps_says_what_is_wrong(steps, message):
+    with pytest.raises(ValueError) as error:
+        space_timesteps(1000, steps)
+    assert str(error.value) == message
+
+
+def test_space_timesteps_edges():
+    assert space_timesteps(1000, 2) == [0, 999]  # the fewest steps: both ends
+    assert space_timesteps(1000, "ddim1000") == list(range(1000))  # stride 1
+
+
+@pytest.mark.parametrize("use_timesteps", [[], [-1, 5], [10, 1000]])
+def test_respaced_diffusion_names_the_valid_range(use_timesteps):
+    with pytest.raises(ValueError, match=r"^use_timesteps must lie in \[0, 999\]$"):
+        respaced_diffusion(BETAS, use_timesteps)
+
+
+def test_respaced_diffusion_computes_in_float64_with_unit_scale_by_default(caplog):
+    betas32 = BETAS.astype(np.float32)
+    kept = space_timesteps(1000, 50)
+    with caplog.at_level("DEBUG", logger="cimd_pipeline.diffusion.respace"):
+        diffusion = respaced_diffusion(betas32, kept)
+    np.testing.assert_allclose(diffusion.alphas_cumprod, np.cumprod(1.0 - betas32.astype(np.float64))[kept], rtol=1e-12)
+    assert diffusion.input_scale == 1.0
+    assert "respaced 1000 training steps to 50" in caplog.text

@@ -117,3 +117,25 @@ def test_bad_sampling_config_raises(kwargs):
     diffusion = respaced_diffusion(BETAS, space_timesteps(1000, 5))
     with pytest.raises(ValueError):
         sample(_model_fn, diffusion, SHAPE, **kwargs)
+
+
+def test_ddim_is_deterministic_by_default_and_draws_no_noise_at_eta_0():
+    diffusion = GaussianDiffusion(BETAS)
+    x_t, model_out = _state(5)
+    t = torch.full((SHAPE[0],), 400)
+    first, second = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    state = first.get_state()
+    a, _ = ddim_step(diffusion, model_out, x_t, t, generator=first)
+    b, _ = ddim_step(diffusion, model_out, x_t, t, generator=second)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(first.get_state(), state)  # the stream is left for the steps that need it
+
+
+def test_ddim_refuses_a_negative_eta_and_stays_finite_for_a_large_one():
+    diffusion = GaussianDiffusion(BETAS)
+    x_t, model_out = _state(6)
+    t = torch.full((SHAPE[0],), 300)
+    with pytest.raises(ValueError, match=r"^eta must be non-negative, got -0.5$"):
+        ddim_step(diffusion, model_out, x_t, t, -0.5)
+    x_prev, _ = ddim_step(diffusion, model_out, x_t, t, 5.0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(x_prev).all()  # the eps coefficient is clipped at 0, not NaN
