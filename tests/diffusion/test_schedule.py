@@ -14,6 +14,7 @@ from cimd_pipeline.diffusion.schedule import (
     PredictionType,
     extract,
     linear_betas,
+    schedule_problems,
 )
 
 BETAS = linear_betas()
@@ -267,3 +268,28 @@ def test_pred_x0_is_unclipped_and_loss_without_learned_sigma_is_mse():
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError):
         GaussianDiffusion(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "problems"),
+    [
+        (("linear", 1000), []),
+        (("cosine", 1000), []),
+        (("cosine", 2), []),
+        (("linear", 21), []),  # beta_T = 0.02 * 1000 / 21 < 1
+        (("linear", 1), ["num_timesteps=1: a schedule needs at least 2 steps"]),
+        (("cosine", 0), ["num_timesteps=0: a schedule needs at least 2 steps"]),
+        (("linear", 20), ["the linear schedule over 20 steps runs from beta=0.005 to beta=1; every beta must lie "
+                          "in (0, 1); use more steps or beta_end below 0.02 (ends are scaled by 1000/T)"]),
+        (("linear", 1000, 0.02, 0.001), ["the linear schedule must increase with t (beta_start=0.02, beta_end=0.001)"]),
+        (("linear", 1000, 0.01, 0.01), ["the linear schedule must increase with t (beta_start=0.01, beta_end=0.01)"]),
+        (("linear", 1000, 0.0, 0.02), ["the linear schedule over 1000 steps runs from beta=0 to beta=0.02; every "
+                                       "beta must lie in (0, 1)"]),
+        (("linear", 10, 0.02, 0.001), ["the linear schedule must increase with t (beta_start=0.02, beta_end=0.001)",
+                                       "the linear schedule over 10 steps runs from beta=2 to beta=0.1; every beta "
+                                       "must lie in (0, 1); use more steps or beta_end below 0.01 (ends are scaled by "
+                                       "1000/T)"]),
+    ],
+)
+def test_schedule_problems_say_why_a_schedule_cannot_work(args, problems):
+    assert schedule_problems(*args) == problems

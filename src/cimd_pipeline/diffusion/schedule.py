@@ -134,7 +134,7 @@ def schedule_problems(
     if betas.min() <= 0 or betas.max() >= 1:
         hint = (
             f"; use more steps or beta_end below {num_timesteps / 1000:.4g} (ends are scaled by 1000/T)"
-            if name == "linear" else ""
+            if name == "linear" and betas.max() >= 1 else ""
         )
         problems.append(
             f"the {name} schedule over {num_timesteps} steps runs from beta={betas[0]:.4g} to "
