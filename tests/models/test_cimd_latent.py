@@ -67,6 +67,39 @@ def test_training_feeds_the_posterior_draw_of_image_and_rater_mask_to_the_denois
     torch.testing.assert_close(terms["loss"], hybrid + net.params.kl_weight * terms["kl"], rtol=1e-5, atol=1e-6)
 
 
+def test_training_losses_follow_the_generator_alone():
+    """Posterior draw, timestep, noise and the self-conditioning coin all come from ``generator``."""
+    net = latent_net(self_condition=True)
+    image, masks, valid = batch()
+    runs = []
+    for global_seed in (11, 12):  # torch's global stream must not matter
+        torch.manual_seed(global_seed)
+        runs.append(net.losses(image, masks, valid, torch.Generator().manual_seed(3)))
+    for name in ("loss", "mse", "vlb", "kl"):
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    other = net.losses(image, masks, valid, torch.Generator().manual_seed(4))
+    assert not torch.equal(other["loss"], runs[0]["loss"])
+
+
+def test_the_self_conditioning_pass_sees_the_same_latent_as_the_training_pass():
+    net = latent_net(self_condition=True)
+    image, masks, valid = batch()
+    k = net.params.latent_dim
+    net.amn, net.acn = Fixed(torch.arange(3 * k, dtype=torch.float32).reshape(3, k) / 10), Fixed(torch.zeros(3, k))
+    seen = capture_extra(net)
+    for seed in range(20):  # the coin of the first pass comes up heads about every other step
+        seen.clear()
+        net.losses(image, masks, valid, torch.Generator().manual_seed(seed))
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, "no step with a self-conditioning pass in 20 seeds"
+    first, second = seen
+    assert first.shape == second.shape == (3, 1 + k, 16, 16)
+    torch.testing.assert_close(first[:, 1:], second[:, 1:], rtol=0, atol=0)  # the same z
+    assert torch.equal(first[:, :1], torch.zeros_like(first[:, :1]))  # the first pass starts from zeros
+    assert not torch.equal(second[:, :1], first[:, :1])  # the second gets the first's x0 estimate
+
+
 def test_the_latent_changes_the_denoiser_output():
     net = latent_net()
     image = batch()[0]
