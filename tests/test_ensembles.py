@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from cimd_pipeline.config import ModelParams, SamplingParams
 from cimd_pipeline.diffusion.noise import RowGenerators, randn, stream_seed
@@ -146,10 +145,7 @@ def test_sample_set_holds_string_ids_float16_soft_values_and_what_was_run():
     assert seconds > 0 and rate == pytest.approx(9 / seconds)
 
 
-def test_progress_counts_every_mask(capsys, monkeypatch):
-    # no tqdm monitor thread: a process forked while it holds tqdm's lock (mutation testing forks
-    # one per mutant) would wait for that lock for ever
-    monkeypatch.setattr(tqdm, "monitor_interval", 0)
+def test_progress_counts_every_mask(capsys):
     draw_ensembles(CopyImageNet(), patterns(3), np.array(["a", "b", "c"]), params(progress=True), CPU)
     err = capsys.readouterr().err
     assert "sampling: 100%" in err and "9/9 [" in err and "mask/s]" in err
