@@ -99,6 +99,11 @@ def test_noise_has_the_requested_dtype_and_shape_from_every_source(rows):
         noise = randn(shape, generator, CPU, torch.float64)
         assert noise.shape == shape and noise.dtype == torch.float64, generator
     assert RowGenerators(range(rows), CPU).randn(shape, torch.float64).dtype == torch.float64
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(randn(shape, torch.Generator().manual_seed(3), CPU))
+    assert torch.equal(*draws)  # a given generator, not torch's global stream
 
 
 def test_row_batches_cover_the_rows_once_in_order():
@@ -142,7 +147,9 @@ def test_sample_set_holds_string_ids_float16_soft_values_and_what_was_run():
     info = dict(samples.info)
     seconds, rate = info.pop("seconds"), info.pop("masks_per_second")
     assert info == {"method": "ddim", "steps": 4, "num_samples": 3, "seed": 0, "device": "cpu", "num_processes": 1}
-    assert seconds > 0 and rate == pytest.approx(9 / seconds)
+    assert 0 < seconds < 60 and rate == pytest.approx(9 / seconds)
+    blank = draw_ensembles(SpyNet(), images, ids, params(), CPU)  # soft values exactly 0
+    assert not blank.binary.any()  # a mask pixel is soft > 0, not >= 0
 
 
 def test_progress_counts_every_mask(capsys):
@@ -156,17 +163,20 @@ def test_more_than_one_process_shares_the_batches_out(monkeypatch, processes, sh
     calls = []
 
     def sharded(net, images, keys, params, device, batches, source):
-        calls.append((device, batches, source))
+        calls.append((net, keys.tolist(), params, device, batches, source))
         return np.ones((sum(len(b) for b in batches), *images.shape[2:]), np.float16)
 
     monkeypatch.setattr(sharded_sampling, "draw_sharded", sharded)
-    setting = params(num_processes=processes)
-    out = draw_ensembles(CopyImageNet(), patterns(3), np.array(["a", "b", "c"]), setting, CPU)
+    setting, net = params(num_processes=processes), CopyImageNet()
+    out = draw_ensembles(net, patterns(3), np.array(["a", "b", "c"]), setting, CPU)
     assert len(calls) == shards
     if shards:
-        assert calls[0] == (CPU, row_batches(9, 4), "CopyImageNet") and out.binary.all()
-    one_batch = draw_ensembles(CopyImageNet(), patterns(1), np.array(["a"]), setting, CPU)  # 3 rows: 1 batch
-    assert len(calls) == shards and one_batch.info["num_processes"] == processes
+        assert calls[0] == (net, ["a", "b", "c"], setting, CPU, row_batches(9, 4), "CopyImageNet")
+        assert out.binary.all()
+    draw_ensembles(net, patterns(2), np.array(["a", "b"]), setting, CPU)  # 6 rows: 2 batches, shared too
+    assert len(calls) == 2 * shards
+    one_batch = draw_ensembles(net, patterns(1), np.array(["a"]), setting, CPU)  # 3 rows: 1 batch
+    assert len(calls) == 2 * shards and one_batch.info["num_processes"] == processes
 
 
 def test_diverged_rows_are_named_with_their_range_and_first_five_images():
@@ -184,6 +194,8 @@ def test_diverged_rows_are_named_with_their_range_and_first_five_images():
     )
     with pytest.raises(SamplingError, match=r"rows 0-4 .*images case_0, case_1, case_2, case_3, case_4\):"):
         draw_ensembles(NanNet(), patterns(5), ids[:5], params(num_samples=1, batch_size=8), CPU)
+    with pytest.raises(SamplingError, match=r"rows 0-5 .*images case_0, case_1, case_2, case_3, case_4 \.\.\.\):"):
+        draw_ensembles(NanNet(), patterns(6), ids[:6], params(num_samples=1, batch_size=8), CPU)
 
 
 def test_nan_samples_stop_with_the_method_steps_and_model_named():
