@@ -1,5 +1,6 @@
 import os
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,8 +67,9 @@ def test_resume_false_starts_again(data, tmp_path):
 
 def test_checkpoint_of_another_configuration_is_refused(data, tmp_path):
     train(fresh(), data, params(max_steps=3), tmp_path / "last.pt", "fp-one")
-    with pytest.raises(ValueError, match="another run configuration"):
+    with pytest.raises(ValueError, match="another run configuration") as error:
         train(fresh(), data, params(), tmp_path / "last.pt", "fp-two")
+    assert str(tmp_path / "last.pt") in str(error.value)  # names the checkpoint to delete
 
 
 def test_fingerprint_ignores_max_steps_but_not_lr(data):
@@ -272,3 +274,24 @@ def test_an_empty_train_split_is_refused_and_one_case_is_enough(data, tmp_path):
     assert not (tmp_path / "a.pt").exists()
     one = train(fresh(), data.take(np.array([0])), params(max_steps=2), tmp_path / "b.pt", "fp")
     assert one.steps == 2
+
+
+def test_optimiser_and_ema_take_their_settings(data, tmp_path):
+    settings = ((1e-3, 0.0, True), (1e-2, 0.0, True), (1e-3, 0.5, True), (1e-3, 0.0, False))
+    runs = {
+        (lr, decay, warmup): train(fresh(), data, params(max_steps=2, lr=lr, weight_decay=decay, ema_warmup=warmup),
+                                   tmp_path / f"{lr}-{decay}-{warmup}.pt", "fp").ema_state
+        for lr, decay, warmup in settings
+    }
+    base = runs[settings[0]]
+    for other in settings[1:]:  # each setting, changed alone, changes the weights
+        assert any(not torch.equal(base[k], runs[other][k]) for k in base), other
+
+
+def test_a_fresh_run_counts_only_its_own_time_and_a_resume_says_where_from(data, tmp_path, caplog):
+    started = time.perf_counter()
+    first = train(fresh(), data, params(max_steps=2), tmp_path / "last.pt", "fp")
+    assert 0 < first.seconds <= time.perf_counter() - started
+    with caplog.at_level("INFO", logger="cimd_pipeline.training.loop"):
+        train(fresh(), data, params(max_steps=3), tmp_path / "last.pt", "fp")
+    assert f"resuming training from step 2 ({tmp_path / 'last.pt'})" in caplog.text
