@@ -18,7 +18,16 @@ from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
-from cimd_pipeline.training.loop import LossWindow, Workers, _batch, _Losses, index_seed, select_device, train
+from cimd_pipeline.training.loop import (
+    LossWindow,
+    Workers,
+    _batch,
+    _Losses,
+    _same_everywhere,
+    index_seed,
+    select_device,
+    train,
+)
 from tests.models.test_cimd import tiny
 
 CPU = torch.device("cpu")
@@ -256,15 +265,18 @@ def test_loss_window_refuses_a_non_finite_loss_naming_the_steps():
     assert other.read(1, 1, "") == {"kl": float("inf"), "count": 1.0}
 
 
-def test_loss_window_of_several_processes_is_the_mean_of_their_sums(tmp_path):
+def test_loss_window_and_checkpoint_agreement_across_processes(tmp_path):
+    """In a process group of one, all_reduce is the identity: what is left is the arithmetic."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         window = LossWindow(CPU, processes=2)  # one process stands for two: the sum is halved
         window.add({"loss": torch.tensor(4.0)})
         assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}
         assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}  # the reduction left the sums alone
+        assert _same_everywhere(5, Workers(0, 2), CPU) and _same_everywhere(0, Workers(0, 2), CPU)
     finally:
         dist.destroy_process_group()
+    assert _same_everywhere(7, Workers(), CPU)  # one process: nothing to compare, no group needed
 
 
 def test_an_empty_train_split_is_refused_and_one_case_is_enough(data, tmp_path):
