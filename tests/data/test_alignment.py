@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cimd_pipeline.data.splits import assign_splits, choose_splits
 from cimd_pipeline.data.alignment import (
     Normalisation,
     ResizeMode,
@@ -19,6 +18,7 @@ from cimd_pipeline.data.alignment import (
     stack_cases,
 )
 from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.splits import assign_splits, choose_splits
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.errors import DataError
 

@@ -49,10 +49,98 @@ def params(**kw):
     return TrainingParams.model_validate({**base, **kw})
 
 
-def test_loss_decreases_on_a_fixed_batch_budget(data, tmp_path):
-    result = train(fresh("ddpm_prob"), data, params(max_steps=60, log_every=20, lr=3e-3), tmp_path / "c.pt", "fp")
-    losses = [h["mse"] for h in result.history]
-    assert losses[-1] < losses[0]
+# --- the loop's parts, each pinned on its own --------------------------------------------------
+
+
+def test_auto_device_is_the_cpu_here_and_an_unavailable_choice_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device() == select_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "mps", "tpu"):
+        with pytest.raises(RuntimeError) as error:
+            select_device(name)
+        assert str(error.value) == f"training.device={name!r} requested but not available on this machine"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # Apple silicon
+    assert select_device() == select_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device() == torch.device("cuda")
+
+
+def test_each_process_takes_its_contiguous_share_of_the_batch():
+    assert [Workers(rank, 2).share(8) for rank in range(2)] == [(0, 4), (4, 8)]
+    assert Workers().share(6) == (0, 6)
+    with pytest.raises(ValueError) as error:
+        Workers(0, 3).share(8)
+    assert str(error.value) == "training.batch_size=8 is not divisible by the 3 training processes"
+
+
+def test_the_ddp_wrapper_forwards_to_the_model_losses():
+    class Model(nn.Module):
+        def losses(self, *args):
+            return {"loss": torch.tensor(float(sum(args)))}
+
+    model = Model()
+    wrapper = _Losses(model)
+    assert wrapper.model is model and wrapper(1, 2)["loss"].item() == 3.0
+
+
+def test_a_batch_is_float32_images_raw_masks_and_boolean_raters_in_index_order():
+    images = np.arange(4 * 2 * 2, dtype=np.float64).reshape(4, 1, 2, 2)
+    masks = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2) % 2
+    valid = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]])
+    image, mask, rater = _batch(SimpleNamespace(images=images, masks=masks, rater_valid=valid), np.array([3, 1]), CPU)
+    assert image.dtype == torch.float32 and mask.dtype == torch.uint8 and rater.dtype == torch.bool
+    assert torch.equal(image, torch.from_numpy(images[[1, 3]]).float())
+    assert torch.equal(rater, torch.from_numpy(valid[[1, 3]].astype(bool)))
+
+
+def test_index_stream_is_fixed_by_the_seed_and_apart_from_the_model_seed():
+    assert index_seed(0) == 2918264622725855778 and index_seed(7) == 3317731564112288844
+    assert all(0 <= index_seed(s) < 2**63 and index_seed(s) != s for s in range(5))
+
+
+def test_loss_window_sums_counts_restores_and_clears():
+    window = LossWindow(CPU)
+    assert window.device == CPU and window.processes == 1
+    assert window.read(1, 1, "") == {"count": 0.0}
+    for value in (1.0, 2.0):
+        window.add({"loss": torch.tensor(value), "mse": torch.tensor(value / 2)})
+    assert window.read(1, 2, "") == {"loss": 3.0, "mse": 1.5, "count": 2.0}
+    saved = LossWindow(CPU, window.read(1, 2, ""))  # as a checkpoint stores an unlogged window
+    assert saved.read(1, 2, "") == {"loss": 3.0, "mse": 1.5, "count": 2.0}
+    saved.add({"loss": torch.tensor(1.0), "mse": torch.tensor(0.5)})
+    assert saved.read(1, 3, "") == {"loss": 4.0, "mse": 2.0, "count": 3.0}
+    saved.clear()
+    assert saved.read(4, 4, "") == {"count": 0.0}
+    assert LossWindow(CPU, processes=2).read(1, 1, "") == {"count": 0.0}  # nothing to reduce yet
+
+
+def test_loss_window_refuses_a_non_finite_loss_naming_the_steps():
+    window = LossWindow(CPU)
+    window.add({"loss": torch.tensor(float("nan")), "kl": torch.tensor(0.0)})
+    with pytest.raises(FloatingPointError) as error:
+        window.read(3, 5, "last checkpoint (step 2) kept")
+    assert str(error.value) == "training loss became nan (summed) between steps 3 and 5; last checkpoint (step 2) kept"
+    other = LossWindow(CPU)
+    other.add({"kl": torch.tensor(float("inf"))})  # only the loss is checked
+    assert other.read(1, 1, "") == {"kl": float("inf"), "count": 1.0}
+
+
+def test_loss_window_and_checkpoint_agreement_across_processes(tmp_path):
+    """In a process group of one, all_reduce is the identity: what is left is the arithmetic."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        window = LossWindow(CPU, processes=2)  # one process stands for two: the sum is halved
+        window.add({"loss": torch.tensor(4.0)})
+        assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}
+        assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}  # the reduction left the sums alone
+        assert _same_everywhere(5, Workers(0, 2), CPU) and _same_everywhere(0, Workers(0, 2), CPU)
+    finally:
+        dist.destroy_process_group()
+    assert _same_everywhere(7, Workers(), CPU)  # one process: nothing to compare, no group needed
+
+
+# --- training runs ------------------------------------------------------------------------------
 
 
 def test_resumed_training_reaches_exactly_the_uninterrupted_weights(data, tmp_path):
@@ -188,97 +276,6 @@ def test_nan_loss_stops_training_without_overwriting_the_checkpoint(data, tmp_pa
         assert torch.equal(kept["ema"][key], value), key
 
 
-# --- the loop's parts, each pinned on its own --------------------------------------------------
-
-
-def test_auto_device_is_the_cpu_here_and_an_unavailable_choice_is_refused_by_name(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert select_device() == select_device("cpu") == torch.device("cpu")
-    for name in ("cuda", "mps", "tpu"):
-        with pytest.raises(RuntimeError) as error:
-            select_device(name)
-        assert str(error.value) == f"training.device={name!r} requested but not available on this machine"
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # Apple silicon
-    assert select_device() == select_device("mps") == torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert select_device() == torch.device("cuda")
-
-
-def test_each_process_takes_its_contiguous_share_of_the_batch():
-    assert [Workers(rank, 2).share(8) for rank in range(2)] == [(0, 4), (4, 8)]
-    assert Workers().share(6) == (0, 6)
-    with pytest.raises(ValueError) as error:
-        Workers(0, 3).share(8)
-    assert str(error.value) == "training.batch_size=8 is not divisible by the 3 training processes"
-
-
-def test_the_ddp_wrapper_forwards_to_the_model_losses():
-    class Model(nn.Module):
-        def losses(self, *args):
-            return {"loss": torch.tensor(float(sum(args)))}
-
-    model = Model()
-    wrapper = _Losses(model)
-    assert wrapper.model is model and wrapper(1, 2)["loss"].item() == 3.0
-
-
-def test_a_batch_is_float32_images_raw_masks_and_boolean_raters_in_index_order():
-    images = np.arange(4 * 2 * 2, dtype=np.float64).reshape(4, 1, 2, 2)
-    masks = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2) % 2
-    valid = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]])
-    image, mask, rater = _batch(SimpleNamespace(images=images, masks=masks, rater_valid=valid), np.array([3, 1]), CPU)
-    assert image.dtype == torch.float32 and mask.dtype == torch.uint8 and rater.dtype == torch.bool
-    assert torch.equal(image, torch.from_numpy(images[[1, 3]]).float())
-    assert torch.equal(rater, torch.from_numpy(valid[[1, 3]].astype(bool)))
-
-
-def test_index_stream_is_fixed_by_the_seed_and_apart_from_the_model_seed():
-    assert index_seed(0) == 2918264622725855778 and index_seed(7) == 3317731564112288844
-    assert all(0 <= index_seed(s) < 2**63 and index_seed(s) != s for s in range(5))
-
-
-def test_loss_window_sums_counts_restores_and_clears():
-    window = LossWindow(CPU)
-    assert window.device == CPU and window.processes == 1
-    assert window.read(1, 1, "") == {"count": 0.0}
-    for value in (1.0, 2.0):
-        window.add({"loss": torch.tensor(value), "mse": torch.tensor(value / 2)})
-    assert window.read(1, 2, "") == {"loss": 3.0, "mse": 1.5, "count": 2.0}
-    saved = LossWindow(CPU, window.read(1, 2, ""))  # as a checkpoint stores an unlogged window
-    assert saved.read(1, 2, "") == {"loss": 3.0, "mse": 1.5, "count": 2.0}
-    saved.add({"loss": torch.tensor(1.0), "mse": torch.tensor(0.5)})
-    assert saved.read(1, 3, "") == {"loss": 4.0, "mse": 2.0, "count": 3.0}
-    saved.clear()
-    assert saved.read(4, 4, "") == {"count": 0.0}
-    assert LossWindow(CPU, processes=2).read(1, 1, "") == {"count": 0.0}  # nothing to reduce yet
-
-
-def test_loss_window_refuses_a_non_finite_loss_naming_the_steps():
-    window = LossWindow(CPU)
-    window.add({"loss": torch.tensor(float("nan")), "kl": torch.tensor(0.0)})
-    with pytest.raises(FloatingPointError) as error:
-        window.read(3, 5, "last checkpoint (step 2) kept")
-    assert str(error.value) == "training loss became nan (summed) between steps 3 and 5; last checkpoint (step 2) kept"
-    other = LossWindow(CPU)
-    other.add({"kl": torch.tensor(float("inf"))})  # only the loss is checked
-    assert other.read(1, 1, "") == {"kl": float("inf"), "count": 1.0}
-
-
-def test_loss_window_and_checkpoint_agreement_across_processes(tmp_path):
-    """In a process group of one, all_reduce is the identity: what is left is the arithmetic."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        window = LossWindow(CPU, processes=2)  # one process stands for two: the sum is halved
-        window.add({"loss": torch.tensor(4.0)})
-        assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}
-        assert window.read(1, 1, "") == {"loss": 2.0, "count": 1.0}  # the reduction left the sums alone
-        assert _same_everywhere(5, Workers(0, 2), CPU) and _same_everywhere(0, Workers(0, 2), CPU)
-    finally:
-        dist.destroy_process_group()
-    assert _same_everywhere(7, Workers(), CPU)  # one process: nothing to compare, no group needed
-
-
 def test_an_empty_train_split_is_refused_and_one_case_is_enough(data, tmp_path):
     with pytest.raises(ValueError) as error:
         train(fresh(), data.take(np.array([], dtype=int)), params(), tmp_path / "a.pt", "fp")
@@ -307,3 +304,9 @@ def test_a_fresh_run_counts_only_its_own_time_and_a_resume_says_where_from(data,
     with caplog.at_level("INFO", logger="cimd_pipeline.training.loop"):
         train(fresh(), data, params(max_steps=3), tmp_path / "last.pt", "fp")
     assert f"resuming training from step 2 ({tmp_path / 'last.pt'})" in caplog.text
+
+
+def test_loss_decreases_on_a_fixed_batch_budget(data, tmp_path):
+    result = train(fresh("ddpm_prob"), data, params(max_steps=60, log_every=20, lr=3e-3), tmp_path / "c.pt", "fp")
+    losses = [h["mse"] for h in result.history]
+    assert losses[-1] < losses[0]
