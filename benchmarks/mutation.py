@@ -112,6 +112,9 @@ def prepare(workdir: Path, module: str, resume: bool) -> None:
     if workdir.exists() and not resume:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # mutmut maps each function to the tests that run it once and keeps the map: without this, a
+    # resumed run would re-test survivors without the tests written for them since
+    (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("src", "tests", "docs", "conf"):
         if (workdir / name).exists():
