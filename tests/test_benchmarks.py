@@ -115,7 +115,7 @@ def test_method_comparison_runs_the_kedro_chain_without_kedro(project, tmp_path)
     assert "0 runs to do" in run_script(project, "method_comparison.py", *args)  # resumes: nothing left
 
     run_script(project, "ablation.py", "--env", "test", "--steps", "3", "--variants", "ddpm_det",
-               "--extra", "sampling.max_cases=2", env={"OMP_NUM_THREADS": "1"})
+               "--extra", "sampling.max_cases=2")
     kedro = pd.read_csv(project / "data/08_reporting/ablation.csv").iloc[0]
     direct = table.iloc[0]
     for metric in ("ged", "hm_iou", "dice_max", "ci", "ged_oracle"):

@@ -1,8 +1,9 @@
 """Helpers for the reliability tests: background ``kedro run``s, an offline guard, MLflow queries.
 
-Subprocess runs get ``OMP_NUM_THREADS=1``: on a machine whose two cores other jobs share, torch's
-default two threads spin against each other (measured: 1.6 s instead of 0.07 s per training step
-of the test model), and the determinism tests compare runs made with the same thread count.
+Subprocess runs inherit ``OMP_NUM_THREADS=1`` from tests/conftest.py: on a machine whose two cores
+other jobs share, torch's default two threads spin against each other (measured: 1.6 s instead of
+0.07 s per training step of the test model), and the determinism tests compare runs made with the
+same thread count.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ def kedro_env(**extra: str) -> dict[str, str]:
         **os.environ,
         "KEDRO_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
         "COLUMNS": "2000",  # rich wraps log lines at the terminal width, splitting checked messages
         **extra,
     }
