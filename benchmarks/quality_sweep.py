@@ -9,8 +9,8 @@ and the 1,000-step model is the 3,000-step run at step 1,000), saves each as
 split once per sampler setting (``--samplers``: ``ddpmN``/``ddimN`` on every test case,
 ``ddpmN@K`` on the first K test cases only, the GED-vs-sampling-steps curve at a fraction of the
 cost), one CSV row per (config, seed, steps, sampler) under ``OUT/rows``; ``--final-samplers``
-are added after the last budget only. Everything already on disk is
-skipped, so rerunning the same command resumes.
+are added after the last budget only; each run logs to ``OUT/logs/<config>-<seed>.log``.
+Everything already on disk is skipped, so rerunning the same command resumes.
 Writes ``OUT/quality_sweep.{csv,md,png}``.
 
     python benchmarks/quality_sweep.py --configs default literature --seeds 0 --jobs 2 \
@@ -116,17 +116,20 @@ def row_path(out: Path, config: str, seed: int, steps: int, sampler: str) -> Pat
 
 def train_or_load(args: argparse.Namespace, config: str, seed: int, steps: int, params: dict, data):
     """The (config, seed) model after ``steps`` steps: from OUT/models, else trained on from the checkpoint."""
-    from cimd_pipeline.io.model_dataset import TrainedModelDataset
+    import torch
 
-    store = TrainedModelDataset(str(args.out / "models" / f"{config}-{seed}-{steps}.pt"))
-    if store.exists():
-        return store.load()
+    from cimd_pipeline.models.trained import TrainedModel
+    from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = args.out / "models" / f"{config}-{seed}-{steps}.pt"
+    if path.exists():
+        return TrainedModel.from_dict(load_checkpoint(path, map_location=torch.device("cpu")), source=str(path))
     folder = args.out / "checkpoints" / f"{config}-{seed}"
     training = _merge(params["training"], {"checkpoint_dir": str(folder), "resume": True, "max_steps": steps})
     trained, _ = _node_module("training").train_model(
         data, params["model"], training, params["alignment"], params["ingestion"]
     )
-    store.save(trained)
+    save_checkpoint(trained.to_dict(), path)
     return trained
 
 
@@ -161,10 +164,13 @@ def launch(args: argparse.Namespace, config: str, seed: int) -> str:
                "--params", args.params, "--steps", *map(str, budgets(args)), "--samplers", *args.samplers,
                "--final-samplers", *args.final_samplers] + (["--env", args.env] if args.env else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+    log = args.out / "logs" / f"{config}-{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    with log.open("a") as stream:  # the run's own log, to follow a long sweep (and kept after a failure)
+        proc = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
-        return f"FAILED {config} seed {seed}: {proc.stderr[-2000:]}"
+        return f"FAILED {config} seed {seed}, see {log}: {log.read_text()[-2000:]}"
     return f"done {config} seed {seed} in {time.perf_counter() - started:.0f} s"
 
 
