@@ -1,3 +1,4 @@
+import logging
 import os
 import tempfile
 import time
@@ -143,12 +144,14 @@ def test_loss_window_and_checkpoint_agreement_across_processes(tmp_path):
 # --- training runs ------------------------------------------------------------------------------
 
 
-def test_resumed_training_reaches_exactly_the_uninterrupted_weights(data, tmp_path):
+def test_resumed_training_reaches_exactly_the_uninterrupted_weights(data, tmp_path, caplog):
     full = train(fresh(), data, params(), tmp_path / "a" / "last.pt", "fp")
     part = train(fresh(), data, params(max_steps=3), tmp_path / "b" / "last.pt", "fp")
     assert part.steps == 3
-    resumed = train(fresh(), data, params(), tmp_path / "b" / "last.pt", "fp")
-    assert resumed.resumed_from == 3 and resumed.steps == 6
+    with caplog.at_level(logging.INFO, logger="cimd_pipeline.training.loop"):
+        resumed = train(fresh(), data, params(), tmp_path / "b" / "last.pt", "fp")
+    assert resumed.resumed_from == 3 and resumed.steps == 6 and resumed.device == "cpu"
+    assert "trained 6 steps (3 new, " in caplog.text and " on cpu; " in caplog.text
     for key, value in full.ema_state.items():
         assert torch.equal(value, resumed.ema_state[key]), key
     # the short run also logged its last (partial) window at step 3; the curve continues after it
