@@ -116,20 +116,17 @@ def row_path(out: Path, config: str, seed: int, steps: int, sampler: str) -> Pat
 
 def train_or_load(args: argparse.Namespace, config: str, seed: int, steps: int, params: dict, data):
     """The (config, seed) model after ``steps`` steps: from OUT/models, else trained on from the checkpoint."""
-    import torch
-
     from cimd_pipeline.models.trained import TrainedModel
-    from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 
     path = args.out / "models" / f"{config}-{seed}-{steps}.pt"
     if path.exists():
-        return TrainedModel.from_dict(load_checkpoint(path, map_location=torch.device("cpu")), source=str(path))
+        return TrainedModel.load(path)
     folder = args.out / "checkpoints" / f"{config}-{seed}"
     training = _merge(params["training"], {"checkpoint_dir": str(folder), "resume": True, "max_steps": steps})
     trained, _ = _node_module("training").train_model(
         data, params["model"], training, params["alignment"], params["ingestion"]
     )
-    save_checkpoint(trained.to_dict(), path)
+    trained.save(path)
     return trained
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from kedro.io import AbstractDataset
 
 from cimd_pipeline.models.trained import TrainedModel
-from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 class TrainedModelDataset(AbstractDataset[TrainedModel, TrainedModel]):
@@ -20,11 +18,10 @@ class TrainedModelDataset(AbstractDataset[TrainedModel, TrainedModel]):
         self.metadata = metadata
 
     def _load(self) -> TrainedModel:
-        data = load_checkpoint(self._filepath, map_location=torch.device("cpu"))
-        return TrainedModel.from_dict(data, source=str(self._filepath))
+        return TrainedModel.load(self._filepath)
 
     def _save(self, data: TrainedModel) -> None:
-        save_checkpoint(data.to_dict(), self._filepath)
+        data.save(self._filepath)
 
     def _exists(self) -> bool:
         return self._filepath.exists()

@@ -8,6 +8,7 @@ reading the project's current configuration (which may have changed since).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from cimd_pipeline.config import ModelParams, Variant
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.phiseg import PHiSeg
 from cimd_pipeline.models.prob_unet import ProbUNet
-from cimd_pipeline.training.checkpoint import load_state_strict
+from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -96,3 +97,12 @@ class TrainedModel:
             reader=data.get("reader", {}),  # files written before it was stored: RAS+, the old default
             source=source,
         )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainedModel:
+        """A model.pt file, read with ``weights_only=True`` onto the CPU (Kedro's dataset and scripts alike)."""
+        return cls.from_dict(load_checkpoint(path, map_location=torch.device("cpu")), source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Written atomically: a failed write leaves the previous file intact."""
+        save_checkpoint(self.to_dict(), path)
