@@ -66,7 +66,8 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "diffusion/samplers.py", "diffusion/schedule.py"),
         ("tests/diffusion",),
     ),
-    "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_resume_rules.py")),
+    "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_loop_reports.py",
+                                   "tests/training/test_resume_rules.py")),
     "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py",)),
 }
 # Detected: the tests failed (killed, pytest error), ran past mutmut's limit (timeout) or crashed.

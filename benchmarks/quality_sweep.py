@@ -50,6 +50,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "snr_plus_one": {"model.loss_weighting": "snr_plus_one"},
     "min_snr": {"model.loss_weighting": "min_snr"},
     "tanh": {"model.output_activation": "tanh"},
+    "cosine_tanh": {"model.noise_schedule": "cosine", "model.output_activation": "tanh"},
     "self_cond": {"model.self_condition": True},
     "literature": LITERATURE,
     "literature_b0.3": {**LITERATURE, "model.input_scale": 0.3},
