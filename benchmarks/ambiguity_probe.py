@@ -33,9 +33,9 @@ from torch import nn
 
 from _kedro import ROOT, markdown_table
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
-from cimd_pipeline.io.model_dataset import TrainedModelDataset
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder
 from cimd_pipeline.models.cimd import CIMD
+from cimd_pipeline.models.trained import TrainedModel
 
 
 def fresh_encoder(like: GaussianEncoder, net: CIMD, default_init: bool) -> GaussianEncoder:
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "data/08_reporting/ambiguity_probe.csv"))
     args = parser.parse_args()
 
-    trained = TrainedModelDataset(args.model).load()
+    trained = TrainedModel.load(args.model)
     if not trained.params.variant.uses_ambiguity_nets:
         raise SystemExit(f"{args.model} is a {trained.params.variant.value} model: it has no AMN/ACN to probe")
     aligned = AlignedDataset(args.aligned).load().subset("train").take(args.cases)

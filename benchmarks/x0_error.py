@@ -26,8 +26,8 @@ import torch
 from _kedro import ROOT, markdown_table
 
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
-from cimd_pipeline.io.model_dataset import TrainedModelDataset
 from cimd_pipeline.models.cimd import CIMD, pick_raters
+from cimd_pipeline.models.trained import TrainedModel
 
 logger = logging.getLogger("x0_error")
 
@@ -83,7 +83,7 @@ def main() -> None:
     valid = torch.from_numpy(np.asarray(data.rater_valid, dtype=bool))
     tables = []
     for path in args.models:
-        trained = TrainedModelDataset(str(path)).load()
+        trained = TrainedModel.load(path)
         net = trained.build(path)
         if not isinstance(net, CIMD):
             raise SystemExit(f"{path} is a {trained.params.variant.value} model, not a diffusion model")
