@@ -25,13 +25,12 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
-
 from _direct import load_parameters, prepare_data, run_chain
 from _kedro import ROOT, parse_params
+from _workers import run_workers, stop_if_failed
 from ablation import VARIANTS, plot, seconds_per_16_samples, summarise
 
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle")
@@ -183,18 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     costs = measure_costs(args, args.out / "costs.csv")
     jobs = [job for job in plan(args, costs) if not row_path(args.out, job[0], job[1], job[2]).exists()]
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    logger.info("%d runs to do, %d at a time", len(jobs), args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(launch, args, job, threads) for job in jobs]
-        messages = []
-        for future in as_completed(futures):
-            messages.append(future.result())
-            logger.info("%s (%d of %d)", messages[-1], len(messages), len(jobs))
+    failed = run_workers(jobs, lambda job: launch(args, job, threads), args.jobs)
     report(args, costs)
-    failed = [m for m in messages if m.startswith("FAILED")]
-    if failed:
-        raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed; rerun the same command to retry them")
-
+    stop_if_failed(failed, len(jobs))
 
 if __name__ == "__main__":
     main()

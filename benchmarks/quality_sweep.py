@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import matplotlib
@@ -37,6 +36,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from _direct import _merge, _node_module, load_parameters, prepare_data
 from _kedro import ROOT, parse_params
+from _workers import run_workers, stop_if_failed
 from ablation import summarise
 
 #: The literature recipe (Christensen et al. 2025, arXiv 2504.05977): cosine schedule, masks
@@ -222,15 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in [*args.samplers, *args.final_samplers]:
         sampler_settings(sampler)
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
+    failed, jobs = [], []
     if not args.report:
         jobs = [(config, seed) for seed in args.seeds for config in args.configs
                 if not all(row_path(args.out, config, seed, *row).exists() for row in plan(args))]
-        logger.info("%d (config, seed) runs to do, %d at a time", len(jobs), args.jobs)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(launch, args, config, seed) for config, seed in jobs]
-            for future in as_completed(futures):
-                logger.info("%s", future.result())
+        failed = run_workers(jobs, lambda job: launch(args, *job), args.jobs)
     report(args)
+    stop_if_failed(failed, len(jobs))
 
 
 if __name__ == "__main__":

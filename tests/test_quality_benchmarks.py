@@ -68,5 +68,22 @@ def test_quality_sweep_trains_in_stages_resumes_and_reports(tmp_path):
     assert (out / "quality_sweep.png").stat().st_size > 0
     before = {p: p.stat().st_mtime for p in (out / "rows").glob("*.csv")}
     log = run_script(project, "quality_sweep.py", *args)
-    assert "0 (config, seed) runs to do" in log
+    assert "0 runs to do" in log
     assert {p: p.stat().st_mtime for p in (out / "rows").glob("*.csv")} == before
+
+
+def test_workers_run_every_job_and_a_failure_stops_after_the_others(monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT / "benchmarks"))
+    from _workers import run_workers, stop_if_failed
+
+    done = []
+
+    def launch(job):
+        done.append(job)
+        return f"FAILED {job}" if job % 2 else f"done {job}"
+
+    failed = run_workers(range(5), launch, 2)
+    assert sorted(done) == [0, 1, 2, 3, 4] and sorted(failed) == ["FAILED 1", "FAILED 3"]
+    stop_if_failed([], 5)
+    with pytest.raises(SystemExit, match="2 of 5 runs failed; rerun the same command to retry them"):
+        stop_if_failed(failed, 5)
