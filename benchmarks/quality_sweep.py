@@ -44,7 +44,8 @@ from ablation import summarise
 LITERATURE = {"model.noise_schedule": "cosine", "model.input_scale": 0.1,
               "model.loss_weighting": "snr_plus_one", "model.output_activation": "tanh"}
 CONFIGS: dict[str, dict[str, object]] = {
-    "default": {},
+    "default": {},  # conf/base as it is
+    "linear": {"model.noise_schedule": "linear"},  # plain DDPM, conf/base's default before the sweep
     "cosine": {"model.noise_schedule": "cosine"},
     "scale_0.1": {"model.input_scale": 0.1},
     "snr_plus_one": {"model.loss_weighting": "snr_plus_one"},
