@@ -186,5 +186,6 @@ def main(argv: list[str] | None = None) -> None:
     report(args, costs)
     stop_if_failed(failed, len(jobs))
 
+
 if __name__ == "__main__":
     main()

@@ -7,15 +7,19 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from typing import ClassVar
 
 import pytest
 import torch
 
-import cimd_pipeline.training.loop as loop
 from cimd_pipeline.errors import DataError
+from cimd_pipeline.training import loop
 from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from cimd_pipeline.training.loop import train
-from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
+from tests.training import test_loop
+from tests.training.test_loop import fresh, params
+
+data = test_loop.data  # test_loop's fixture: aligned synthetic training cases at 16x16
 
 MESSAGES = "cimd_pipeline.training.loop"
 
@@ -23,7 +27,7 @@ MESSAGES = "cimd_pipeline.training.loop"
 class Bar:
     """Stands in for tqdm and keeps what the loop asked of it."""
 
-    made: list[Bar] = []
+    made: ClassVar[list[Bar]] = []
 
     def __init__(self, **kwargs):
         self.kwargs, self.updates, self.postfix, self.closed = kwargs, [], [], False
