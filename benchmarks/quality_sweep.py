@@ -223,11 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in [*args.samplers, *args.final_samplers]:
         sampler_settings(sampler)
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
-    failed, jobs = [], []
-    if not args.report:
-        jobs = [(config, seed) for seed in args.seeds for config in args.configs
-                if not all(row_path(args.out, config, seed, *row).exists() for row in plan(args))]
-        failed = run_workers(jobs, lambda job: launch(args, *job), args.jobs)
+    if args.report:
+        report(args)
+        return
+    jobs = [(config, seed) for seed in args.seeds for config in args.configs
+            if not all(row_path(args.out, config, seed, *row).exists() for row in plan(args))]
+    failed = run_workers(jobs, lambda job: launch(args, *job), args.jobs)
     report(args)
     stop_if_failed(failed, len(jobs))
 
