@@ -59,7 +59,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "literature_v": {**LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
     "cimd_latent": {"model.variant": "cimd_latent"},
 }
-QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle")
+QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")
 logger = logging.getLogger("quality_sweep")
 

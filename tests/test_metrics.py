@@ -54,7 +54,8 @@ def ref_metrics(samples, raters):
     def mean_d(A, B):
         return sum(1 - ref_iou(a, b) for a in A for b in B) / (len(A) * len(B))
 
-    out = {"ged": 2 * mean_d(S, Y) - mean_d(S, S) - mean_d(Y, Y)}
+    out = {"ged": 2 * mean_d(S, Y) - mean_d(S, S) - mean_d(Y, Y), "ged_cross": mean_d(S, Y),
+           "diversity_samples": mean_d(S, S), "diversity_raters": mean_d(Y, Y)}
 
     size = math.lcm(n, r)
     S_rep, Y_rep = [S[k % n] for k in range(size)], [Y[k % r] for k in range(size)]
@@ -109,6 +110,8 @@ def test_hand_case_2x2_all_metrics():
     # d_ss = [[0, 1/2], [1/2, 0]] -> 1/4 ; d_yy = [[0, 1], [1, 0]] -> 1/2
     # GED = 2 * 5/8 - 1/4 - 1/2 = 1/2
     assert ged(S_HAND, Y_HAND) == pytest.approx(0.5)
+    terms = evaluate_case(S_HAND, Y_HAND)
+    assert (terms["ged_cross"], terms["diversity_samples"], terms["diversity_raters"]) == pytest.approx((5 / 8, 1 / 4, 1 / 2))
     # Best matching S1-Y2 (0) + S2-Y1 (1) -> 1/2
     assert hm_iou(S_HAND, Y_HAND) == pytest.approx(0.5)
     # Dice S x Y = [[2/3, 0], [1, 0]] -> mean(max(2/3, 1), max(0, 0)) = 1/2
@@ -178,7 +181,7 @@ def test_hand_case_dice_max():
 def test_identical_empty_sets():
     empty = np.zeros((3, 4, 4), bool)
     got = evaluate_case(empty, empty[:2])
-    assert got == {"ged": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
+    assert got == {"ged": 0.0, "ged_cross": 0.0, "diversity_samples": 0.0, "diversity_raters": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
                    "ci_var": 1.0, "ci_hm_var": 1.0, "s_c": 1.0, "d_max": 1.0, "d_a": 1.0,
                    "d_a_var": 1.0}
 

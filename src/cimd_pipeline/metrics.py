@@ -53,7 +53,8 @@ MaskLike = np.ndarray | torch.Tensor
 
 #: Keys of the per-case dictionaries returned by :func:`evaluate_case` / :func:`evaluate_batch`.
 METRIC_KEYS = (
-    "ged", "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_max", "d_a", "d_a_var",
+    "ged", "ged_cross", "diversity_samples", "diversity_raters",
+    "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_max", "d_a", "d_a_var",
 )
 
 
@@ -202,13 +203,18 @@ def _matrices(s: torch.Tensor, y: torch.Tensor) -> tuple[_Blocks, _Blocks, _Bloc
 
 
 def _ged(d_sy: torch.Tensor, d_ss: torch.Tensor, d_yy: torch.Tensor, valid: torch.Tensor):
-    """Squared GED per case from distance blocks, with masked means over the valid raters."""
+    """Squared GED per case and its three terms, with masked means over the valid raters.
+
+    The terms say *why* a GED is high: samples far from the raters (``ged_cross``), or a sample
+    set more or less diverse than the raters (``diversity_samples`` against ``diversity_raters``).
+    """
     v = valid.double()
     n, r = d_ss.shape[1], v.sum(1)
     cross = (d_sy * v[:, None, :]).sum((1, 2)) / (n * r)
     within_s = d_ss.mean((1, 2))
     within_y = (d_yy * v[:, :, None] * v[:, None, :]).sum((1, 2)) / r**2
-    return 2 * cross - within_s - within_y
+    return {"ged": 2 * cross - within_s - within_y, "ged_cross": cross, "diversity_samples": within_s,
+            "diversity_raters": within_y}
 
 
 def _dice_max(dice_sy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -289,7 +295,7 @@ def _ci(s, y, valid, dice: _Blocks, variance: _Blocks, d_max: torch.Tensor) -> d
 def _evaluate(s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> list[dict[str, float]]:
     iou, dice, variance = _matrices(s, y)
     d_max = _dice_max(dice.sy, valid)
-    values = {"ged": _ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid), "dice_max": d_max}
+    values = _ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid) | {"dice_max": d_max}
     values |= _ci(s, y, valid, dice, variance, d_max)
     columns = dict(zip(values, torch.stack(list(values.values())).cpu().tolist()))
     columns["hm_iou"] = _hm_iou(iou.sy, valid)
@@ -303,7 +309,7 @@ def ged(samples: MaskLike, raters: MaskLike) -> float:
     """Squared generalised energy distance (d = 1 - IoU), samples[N,H,W] vs raters[R,H,W]."""
     s, y, valid = _prepare_case(samples, raters)
     iou = _matrices(s, y)[0]
-    return float(_ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid)[0])
+    return float(_ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid)["ged"][0])
 
 
 def hm_iou(samples: MaskLike, raters: MaskLike) -> float:

@@ -23,7 +23,7 @@ from cimd_pipeline.metrics import evaluate_batch
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("ged", "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_a", "d_a_var")
+SUMMARY_KEYS = ("ged", "ged_cross", "diversity_samples", "diversity_raters", "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_a", "d_a_var")
 #: From this many samples per image on, GED over the first 16 (``ged16``) is reported beside
 #: ``ged``: GED grows as the sample count shrinks, and papers report both GED16 and GED100.
 GED16_FROM = 100
