@@ -56,6 +56,19 @@ def prepare_data(params: dict[str, Any]):
     return _node_module("mask_alignment").align_dataset(cases, params["alignment"])
 
 
+def aligned_data(folder: str | None, env: str | None = None):
+    """The `AlignedSet` saved by mask_alignment in ``folder``; without one, built from the config.
+
+    The benchmark models live outside ``data/06_models`` and the pipeline may never have run on this
+    machine, so the analysis scripts rebuild the data the way the sweeps trained on it.
+    """
+    if folder is None:
+        return prepare_data(load_parameters(env))
+    from cimd_pipeline.io.aligned_dataset import AlignedDataset  # a Kedro dataset: only when asked for
+
+    return AlignedDataset(folder).load()
+
+
 def run_chain(data, params: dict[str, Any], sample: bool = True) -> dict[str, Any]:
     """Train, then (``sample``) sample and score the test split; metrics.json's content.
 

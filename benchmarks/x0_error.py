@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from _direct import aligned_data
 from _kedro import ROOT, markdown_table
 
-from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.models.cimd import CIMD, pick_raters
 from cimd_pipeline.models.trained import TrainedModel
 
@@ -69,7 +69,10 @@ def x0_errors(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="model.pt files (diffusion variants)")
-    parser.add_argument("--aligned", default=str(ROOT / "data/03_primary/aligned"))
+    parser.add_argument("--aligned", default=None,
+                        help="mask_alignment's output folder (data/03_primary/aligned); default: ingest and align "
+                        "as conf/base (+ --env) says, the data the benchmark sweeps train on")
+    parser.add_argument("--env", default=None, help="conf/<env> over conf/base, for the data without --aligned")
     parser.add_argument("--split", default="test")
     parser.add_argument("--buckets", type=int, default=10)
     parser.add_argument("--per-bucket", type=int, default=4, help="timesteps evaluated per bucket")
@@ -77,7 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "data/08_reporting/x0_error")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    data = AlignedDataset(args.aligned).load().subset(args.split)
+    data = aligned_data(args.aligned, args.env).subset(args.split)
     image = torch.from_numpy(np.asarray(data.images, dtype=np.float32))
     masks = torch.from_numpy(np.asarray(data.masks))
     valid = torch.from_numpy(np.asarray(data.rater_valid, dtype=bool))

@@ -61,6 +61,13 @@ def test_quality_sweep_trains_in_stages_resumes_and_reports(tmp_path):
     assert sorted(rows.loc[rows["sampler"] == "ddim3", "train_steps"]) == [2, 2, 4, 4]
     assert set(rows.loc[rows["sampler"] == "ddpm3@2", "test_cases"]) == {2}
     assert rows["ged"].between(0, 2).all() and (rows["ged_oracle"] > 0).all()
+    terms = 2 * rows["ged_cross"] - rows["diversity_samples"] - rows["diversity_raters"]
+    assert (terms - rows["ged"]).abs().max() < 1e-9  # GED's three terms come with it
+    # x0_error without --aligned rebuilds the sweep's data from the same environment's config
+    run_script(project, "x0_error.py", str(out / "models" / "default-0-4.pt"), "--env", "test", "--buckets", "2",
+               "--per-bucket", "1", "--out", str(tmp_path / "x0"))
+    errors = pd.read_csv(tmp_path / "x0" / "x0_error.csv")
+    assert len(errors) == 2 and errors["x0_mse"].between(0, 4).all()
     from cimd_pipeline.io.model_dataset import TrainedModelDataset
 
     later = TrainedModelDataset(str(out / "models" / "literature-0-4.pt")).load()

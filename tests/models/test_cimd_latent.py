@@ -162,7 +162,8 @@ def test_cimd_latent_with_the_literature_recipe_runs_the_kedro_chain_and_the_pro
     import sys
 
     probe = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks/ambiguity_probe.py"), "--cases", "8"],
+        [sys.executable, str(PROJECT / "benchmarks/ambiguity_probe.py"), "--cases", "8",
+         "--aligned", str(kedro_project / "data/03_primary/aligned")],
         env={**__import__("os").environ, "CIMD_PROJECT_DIR": str(kedro_project)}, capture_output=True, text=True,
         timeout=600,
     )
