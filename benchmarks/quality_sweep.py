@@ -39,25 +39,30 @@ from _kedro import ROOT, parse_params
 from _workers import run_workers, stop_if_failed
 from ablation import summarise
 
+#: Plain DDPM (linear schedule, b = 1, L_simple, no activation, no self-conditioning): every
+#: switch below is measured alone on top of it, so a label keeps its meaning when conf/base changes.
+PLAIN = {"model.noise_schedule": "linear", "model.input_scale": 1.0, "model.loss_weighting": "simple",
+         "model.output_activation": "none", "model.self_condition": False}
 #: The literature recipe (Christensen et al. 2025, arXiv 2504.05977): cosine schedule, masks
 #: scaled by b = 0.1, (1 + SNR)-weighted x0 loss, x0 through tanh.
 LITERATURE = {"model.noise_schedule": "cosine", "model.input_scale": 0.1,
               "model.loss_weighting": "snr_plus_one", "model.output_activation": "tanh"}
+COSINE = {**PLAIN, "model.noise_schedule": "cosine"}
 CONFIGS: dict[str, dict[str, object]] = {
     "default": {},  # conf/base as it is
-    "linear": {"model.noise_schedule": "linear"},  # plain DDPM, conf/base's default before the sweep
-    "cosine": {"model.noise_schedule": "cosine"},
-    "scale_0.1": {"model.input_scale": 0.1},
-    "snr_plus_one": {"model.loss_weighting": "snr_plus_one"},
-    "min_snr": {"model.loss_weighting": "min_snr"},
-    "tanh": {"model.output_activation": "tanh"},
-    "cosine_tanh": {"model.noise_schedule": "cosine", "model.output_activation": "tanh"},
-    "self_cond": {"model.self_condition": True},
-    "literature": LITERATURE,
-    "literature_b0.3": {**LITERATURE, "model.input_scale": 0.3},
-    "literature_self_cond": {**LITERATURE, "model.self_condition": True},
-    "literature_v": {**LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
-    "cimd_latent": {"model.variant": "cimd_latent"},
+    "linear": PLAIN,  # conf/base's recipe before the sweep
+    "cosine": COSINE,
+    "scale_0.1": {**PLAIN, "model.input_scale": 0.1},
+    "snr_plus_one": {**PLAIN, "model.loss_weighting": "snr_plus_one"},
+    "min_snr": {**PLAIN, "model.loss_weighting": "min_snr"},
+    "tanh": {**PLAIN, "model.output_activation": "tanh"},
+    "cosine_tanh": {**COSINE, "model.output_activation": "tanh"},
+    "self_cond": {**PLAIN, "model.self_condition": True},
+    "literature": {**PLAIN, **LITERATURE},
+    "literature_b0.3": {**PLAIN, **LITERATURE, "model.input_scale": 0.3},
+    "literature_self_cond": {**PLAIN, **LITERATURE, "model.self_condition": True},
+    "literature_v": {**PLAIN, **LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
+    "cimd_latent": {**COSINE, "model.variant": "cimd_latent"},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

@@ -8,7 +8,7 @@ import pytest
 
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.ensembles import SampleSet
-from cimd_pipeline.metrics import ci_score, ged
+from cimd_pipeline.metrics import ci_score, evaluate_case, ged
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.pipelines.evaluation.nodes import evaluate_samples
 from cimd_pipeline.scoring import GED16_FROM
@@ -78,6 +78,10 @@ def test_ged_oracle_uses_exactly_min_of_oracle_draws_and_samples_and_says_so(n, 
     used = min(n, 4)
     want = [ged(data.oracle[i, :used], _raters(data, i)) for i in range(len(data))]
     assert per_case["ged_oracle"].to_numpy() == pytest.approx(want)
+    terms = [evaluate_case(data.oracle[i, :used], _raters(data, i)) for i in range(len(data))]
+    assert per_case["diversity_oracle"].to_numpy() == pytest.approx([t["diversity_samples"] for t in terms])
+    assert per_case["ged_cross_oracle"].to_numpy() == pytest.approx([t["ged_cross"] for t in terms])
+    assert summary["diversity_oracle"] == pytest.approx(per_case["diversity_oracle"].mean())
     assert list(per_case["ged_oracle_samples"]) == [used] * len(data) and summary["ged_oracle_samples"] == used
     record = next(r for r in caplog.records if "ged_oracle" in r.getMessage())
     assert f"from {used} oracle draws per case against GED from {n} samples" in record.getMessage()

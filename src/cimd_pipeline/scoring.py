@@ -58,6 +58,8 @@ def score_samples(
             oracle = torch.as_tensor(np.asarray(data.oracle[index])[:, :n], device=device)
             for score, truth in zip(scores, evaluate_batch(oracle, raters, valid)):
                 score["ged_oracle"] = truth["ged"]
+                score["ged_cross_oracle"] = truth["ged_cross"]
+                score["diversity_oracle"] = truth["diversity_samples"]
                 score["ged_oracle_samples"] = oracle.shape[1]
         records.extend(scores)
     if data.oracle is not None:
@@ -71,7 +73,7 @@ def score_samples(
 def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
     """Aggregate means (over test images) plus the run's settings, as written to metrics.json."""
     summary: dict[str, Any] = {k: float(per_case[k].mean()) for k in SUMMARY_KEYS}
-    for optional in ("ged16", "ged_oracle"):
+    for optional in ("ged16", "ged_oracle", "ged_cross_oracle", "diversity_oracle"):
         if optional in per_case:
             summary[optional] = float(per_case[optional].mean())
     if "ged_oracle_samples" in per_case:
