@@ -56,6 +56,14 @@ def prepare_data(params: dict[str, Any]):
     return _node_module("mask_alignment").align_dataset(cases, params["alignment"])
 
 
+def add_data_arguments(parser) -> None:
+    """``--aligned`` and ``--env``, the arguments of `aligned_data`, for the analysis scripts."""
+    parser.add_argument("--aligned", default=None,
+                        help="mask_alignment's output folder (data/03_primary/aligned); default: ingest and align "
+                        "as conf/base (+ --env) says, the data the benchmark sweeps train on")
+    parser.add_argument("--env", default=None, help="conf/<env> over conf/base, for the data without --aligned")
+
+
 def aligned_data(folder: str | None, env: str | None = None):
     """The `AlignedSet` saved by mask_alignment in ``folder``; without one, built from the config.
 

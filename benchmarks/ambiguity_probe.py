@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from _direct import aligned_data
+from _direct import add_data_arguments, aligned_data
 from _kedro import ROOT, markdown_table
 from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder
 from cimd_pipeline.models.cimd import CIMD
@@ -92,10 +92,7 @@ def probe(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.Tens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "data/06_models/model.pt"))
-    parser.add_argument("--aligned", default=None,
-                        help="mask_alignment's output folder (data/03_primary/aligned); default: ingest and align "
-                        "as conf/base (+ --env) says, the data the benchmark sweeps train on")
-    parser.add_argument("--env", default=None, help="conf/<env> over conf/base, for the data without --aligned")
+    add_data_arguments(parser)
     parser.add_argument("--cases", type=int, default=64, help="training cases in the batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "data/08_reporting/ambiguity_probe.csv"))

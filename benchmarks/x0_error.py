@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from _direct import aligned_data
+from _direct import add_data_arguments, aligned_data
 from _kedro import ROOT, markdown_table
 
 from cimd_pipeline.models.cimd import CIMD, pick_raters
@@ -69,10 +69,7 @@ def x0_errors(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="model.pt files (diffusion variants)")
-    parser.add_argument("--aligned", default=None,
-                        help="mask_alignment's output folder (data/03_primary/aligned); default: ingest and align "
-                        "as conf/base (+ --env) says, the data the benchmark sweeps train on")
-    parser.add_argument("--env", default=None, help="conf/<env> over conf/base, for the data without --aligned")
+    add_data_arguments(parser)
     parser.add_argument("--split", default="test")
     parser.add_argument("--buckets", type=int, default=10)
     parser.add_argument("--per-bucket", type=int, default=4, help="timesteps evaluated per bucket")

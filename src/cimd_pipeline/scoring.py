@@ -19,11 +19,12 @@ import torch
 
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.ensembles import SampleSet
-from cimd_pipeline.metrics import evaluate_batch
+from cimd_pipeline.metrics import METRIC_KEYS, evaluate_batch
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("ged", "ged_cross", "diversity_samples", "diversity_raters", "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_a", "d_a_var")
+#: Every per-case metric but ``d_max``, which is ``dice_max`` under its CI-score name.
+SUMMARY_KEYS = tuple(k for k in METRIC_KEYS if k != "d_max")
 #: From this many samples per image on, GED over the first 16 (``ged16``) is reported beside
 #: ``ged``: GED grows as the sample count shrinks, and papers report both GED16 and GED100.
 GED16_FROM = 100
