@@ -39,6 +39,8 @@ from _kedro import ROOT, parse_params
 from _workers import run_workers, stop_if_failed
 from ablation import summarise
 
+from cimd_pipeline.data.synthetic import FAMILIES
+
 #: Plain DDPM (linear schedule, b = 1, L_simple, no activation, no self-conditioning): every
 #: switch below is measured alone on top of it, so a label keeps its meaning when conf/base changes.
 PLAIN = {"model.noise_schedule": "linear", "model.input_scale": 1.0, "model.loss_weighting": "simple",
@@ -154,6 +156,7 @@ def work(args: argparse.Namespace) -> None:
         summary, _, _ = _node_module("evaluation").evaluate_samples(samples, data, trained)
         row = {"config": config, "seed": seed, "sampler": sampler, "method": sampling["method"],
                "steps": sampling["steps"], "train_steps": trained.info["steps"], **{k: summary.get(k, float("nan")) for k in QUALITY},
+               **{k: v for k, v in summary.items() if k.rsplit("_", 1)[-1] in FAMILIES and k.startswith(("ged_", "hm_iou_"))},
                "test_cases": summary["test_cases"], "train_seconds": trained.info["train_seconds"],
                "sampling_seconds": summary["sampling_seconds"]}
         partial = target.with_suffix(".part")

@@ -86,3 +86,15 @@ def test_ged_oracle_uses_exactly_min_of_oracle_draws_and_samples_and_says_so(n, 
     record = next(r for r in caplog.records if "ged_oracle" in r.getMessage())
     assert f"from {used} oracle draws per case against GED from {n} samples" in record.getMessage()
     assert record.levelname == ("WARNING" if used < n else "INFO")
+
+
+def test_each_family_gets_its_own_means_with_its_oracle_beside_them():
+    rng = np.random.default_rng(5)
+    data = _data(rng)
+    data.cases["family"] = ["nodule", "bone", "nodule"]
+    data.oracle = (rng.random((len(data), 4, 6, 6)) < 0.3).astype(np.uint8)
+    summary, per_case, _ = evaluate_samples(_samples(rng, data, 4), data, _model())
+    for family, rows in (("nodule", [0, 2]), ("bone", [1])):
+        for key in ("ged", "hm_iou", "ged_oracle"):
+            assert summary[f"{key}_{family}"] == pytest.approx(per_case[key].to_numpy()[rows].mean()), (key, family)
+    assert summary["ged_oracle_nodule"] != pytest.approx(summary["ged_oracle_bone"])

@@ -163,6 +163,9 @@ class TrainingParams(Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # spatial axes along which each training example (image and all its masks) is flipped with
+    # probability 1/2: "x" left-right, "y" up-down; only where the anatomy has no handedness
+    flip_axes: list[Literal["x", "y"]] = []
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True
     checkpoint_every: int = Field(250, ge=1)
@@ -175,6 +178,13 @@ class TrainingParams(Strict):
     progress: bool = True
     # data-parallel worker processes on this machine (one per GPU; gloo on the CPU), docs/scaling.md
     num_processes: int = Field(1, ge=1)
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _each_axis_once(cls, axes: list[str]) -> list[str]:
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"{axes}: name each axis once (flipping twice along one axis is no flip)")
+        return axes
 
 
 class SamplerSettings(Strict):

@@ -81,8 +81,9 @@ def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
         summary["ged_oracle_samples"] = int(per_case["ged_oracle_samples"].min())
     if "family" in per_case:
         for family, group in per_case.groupby("family"):
-            for k in ("ged", "hm_iou", "dice_max", "ci", "ci_var"):
-                summary[f"{k}_{family}"] = float(group[k].mean())
+            for k in ("ged", "hm_iou", "dice_max", "ci", "ci_var", "ged_oracle"):
+                if k in group:
+                    summary[f"{k}_{family}"] = float(group[k].mean())
     summary["test_cases"] = len(per_case)
     summary.update(info)
     return summary

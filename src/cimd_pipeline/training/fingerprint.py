@@ -20,7 +20,7 @@ from cimd_pipeline.data.aligned import AlignedSet
 
 # Training parameters that change the trajectory; max_steps, resume, logging and the process count
 # do not, so a run with more steps (or on more processes) continues the checkpoint of another.
-TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup")
+TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup", "flip_axes")
 
 # Bytes hashed per chunk: memory-mapped arrays are read piecewise instead of copied whole.
 CHUNK_BYTES = 64 * 2**20

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models import draws
+from cimd_pipeline.training.augment import apply_flips, draw_flips
 from cimd_pipeline.training.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -300,6 +301,9 @@ def _train(
     while step < params.max_steps:
         index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
         image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
+        if params.flip_axes:
+            flips = draw_flips(params.flip_axes, params.batch_size, indices)[start:stop]
+            image, masks = apply_flips(image, masks, flips, params.flip_axes)
         with (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
             draws.batch_share(start, stop, params.batch_size),

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from cimd_pipeline.config import TrainingParams
+from cimd_pipeline.training.augment import apply_flips, draw_flips
+from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
+from cimd_pipeline.training.loop import train
+from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
+
+
+def test_flips_turn_exactly_the_chosen_examples_along_the_chosen_axes_masks_with_their_image():
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).view(4, 1, 5, 6)
+    masks = torch.stack([(image[:, 0] % 7 > 2), (image[:, 0] % 5 > 1)], 1).to(torch.uint8)
+    flips = torch.tensor([[True, False], [False, True], [False, False], [True, True]])
+    out_image, out_masks = apply_flips(image, masks, flips, ["x", "y"])
+    expected = [image[0].flip(-1), image[1].flip(-2), image[2], image[3].flip(-1).flip(-2)]
+    for i, want in enumerate(expected):
+        assert torch.equal(out_image[i], want), i
+    # every rater's mask went where its image went
+    assert torch.equal(out_masks, torch.stack([(out_image[:, 0] % 7 > 2), (out_image[:, 0] % 5 > 1)], 1).to(torch.uint8))
+    assert out_masks.dtype == torch.uint8
+    only_y, _ = apply_flips(image, masks, flips[:, :1], ["y"])  # the column belongs to the axis named
+    assert torch.equal(only_y[0], image[0].flip(-2)) and torch.equal(only_y[1], image[1])
+
+
+def test_coins_are_fair_independent_per_axis_and_fixed_by_the_generator():
+    coins = draw_flips(["x", "y"], 4000, torch.Generator().manual_seed(3))
+    assert coins.shape == (4000, 2) and coins.dtype == torch.bool
+    assert abs(coins.float().mean().item() - 0.5) < 0.03
+    assert 0.2 < (coins[:, 0] & coins[:, 1]).float().mean().item() < 0.3
+    assert torch.equal(coins, draw_flips(["x", "y"], 4000, torch.Generator().manual_seed(3)))
+
+
+def test_an_axis_named_twice_or_unknown_is_refused():
+    for axes in (["x", "x"], ["z"]):
+        with pytest.raises(ValueError, match="flip_axes"):
+            TrainingParams(flip_axes=axes)
+    assert TrainingParams().flip_axes == []
+
+
+def test_training_sees_flipped_and_unflipped_copies_of_its_cases_and_resumes_exactly(data, tmp_path):  # noqa: F811
+    images = torch.from_numpy(data.images)
+    masks = torch.from_numpy(data.masks)
+    seen = {"flipped": 0, "plain": 0}
+    net = fresh()
+    losses = net.losses
+
+    def spy(image, batch_masks, valid, generator):
+        for one, one_masks in zip(image, batch_masks):
+            case = next(i for i in range(len(images)) if torch.equal(one, images[i]) or torch.equal(one, images[i].flip(-1)))
+            flipped = not torch.equal(one, images[case])
+            seen["flipped" if flipped else "plain"] += 1
+            assert torch.equal(one_masks, masks[case].flip(-1) if flipped else masks[case])
+        return losses(image, batch_masks, valid, generator)
+
+    net.losses = spy
+    full = train(net, data, params(flip_axes=["x"]), tmp_path / "a" / "last.pt", "fp")
+    assert seen["flipped"] >= 5 and seen["plain"] >= 5  # 24 examples, a coin each
+    train(fresh(), data, params(max_steps=3, flip_axes=["x"]), tmp_path / "b" / "last.pt", "fp")
+    resumed = train(fresh(), data, params(flip_axes=["x"]), tmp_path / "b" / "last.pt", "fp")
+    plain = train(fresh(), data, params(), tmp_path / "c" / "last.pt", "fp")
+    for key, value in full.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[key]), key
+    assert any(not torch.equal(full.ema_state[k], plain.ema_state[k]) for k in full.ema_state)
+
+
+def test_flips_are_part_of_the_run_fingerprint(data):  # noqa: F811
+    model, digest = {"variant": "cimd_aa"}, data_digest(data)
+    fingerprints = {run_fingerprint(model, params(flip_axes=axes), digest) for axes in ([], ["x"], ["y"], ["x", "y"])}
+    assert len(fingerprints) == 4
