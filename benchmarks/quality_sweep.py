@@ -41,15 +41,18 @@ from ablation import summarise
 
 from cimd_pipeline.data.synthetic import FAMILIES
 
-#: Plain DDPM (linear schedule, b = 1, L_simple, no activation, no self-conditioning): every
-#: switch below is measured alone on top of it, so a label keeps its meaning when conf/base changes.
+#: Plain DDPM (linear schedule, b = 1, L_simple, no activation, no self-conditioning) at the learning
+#: rate of the first sweeps: every switch below is measured alone on top of it, so a label keeps its
+#: meaning when conf/base changes.
 PLAIN = {"model.noise_schedule": "linear", "model.input_scale": 1.0, "model.loss_weighting": "simple",
-         "model.output_activation": "none", "model.self_condition": False}
+         "model.output_activation": "none", "model.self_condition": False, "training.lr": 1e-4,
+         "training.flip_axes": []}
 #: The literature recipe (Christensen et al. 2025, arXiv 2504.05977): cosine schedule, masks
 #: scaled by b = 0.1, (1 + SNR)-weighted x0 loss, x0 through tanh.
 LITERATURE = {"model.noise_schedule": "cosine", "model.input_scale": 0.1,
               "model.loss_weighting": "snr_plus_one", "model.output_activation": "tanh"}
 COSINE = {**PLAIN, "model.noise_schedule": "cosine"}
+COSINE_TANH = {**COSINE, "model.output_activation": "tanh"}
 CONFIGS: dict[str, dict[str, object]] = {
     "default": {},  # conf/base as it is
     "linear": PLAIN,  # conf/base's recipe before the sweep
@@ -58,13 +61,19 @@ CONFIGS: dict[str, dict[str, object]] = {
     "snr_plus_one": {**PLAIN, "model.loss_weighting": "snr_plus_one"},
     "min_snr": {**PLAIN, "model.loss_weighting": "min_snr"},
     "tanh": {**PLAIN, "model.output_activation": "tanh"},
-    "cosine_tanh": {**COSINE, "model.output_activation": "tanh"},
+    "cosine_tanh": COSINE_TANH,
+    "lr_3e-4": {**COSINE_TANH, "training.lr": 3e-4},
+    "lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3},
+    "lr_2e-3": {**COSINE_TANH, "training.lr": 2e-3},
+    "lr_1e-3_flip_x": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["x"]},
+    "lr_1e-3_flip_xy": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["x", "y"]},
     "self_cond": {**PLAIN, "model.self_condition": True},
     "literature": {**PLAIN, **LITERATURE},
     "literature_b0.3": {**PLAIN, **LITERATURE, "model.input_scale": 0.3},
     "literature_self_cond": {**PLAIN, **LITERATURE, "model.self_condition": True},
     "literature_v": {**PLAIN, **LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
     "cimd_latent": {**COSINE, "model.variant": "cimd_latent"},
+    "cimd_latent_lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent"},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

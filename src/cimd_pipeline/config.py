@@ -161,7 +161,7 @@ class TrainingParams(Strict):
     seed: int = 0
     max_steps: int = Field(3000, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     # spatial axes along which each training example (image and all its masks) is flipped with
     # probability 1/2: "x" left-right, "y" up-down; only where the anatomy has no handedness
