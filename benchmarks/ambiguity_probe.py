@@ -19,6 +19,11 @@ never trained, so they stay there):
 - ``amn_kl_fraction``: |grad of beta·KL| / (|grad of beta·KL| + |grad of the diffusion loss|) over
   the AMN's weights: 1 when only the KL trains the posterior (``cimd_aa``), near 0 when the KL
   barely restrains what the diffusion loss asks of it.
+- ``z_flip`` (``cimd_latent`` only): share of the pixels of x̂₀ at t = T - 1 (x_t drawn from rater
+  a's mask) whose sign changes when the denoiser gets rater b's posterior mean instead of rater
+  a's, beside ``rater_disagreement``, the share of pixels on which the two raters' masks differ:
+  a denoiser that turns z into the rater's mask flips about as many pixels as the raters differ on,
+  one that ignores z flips none.
 
     python benchmarks/ambiguity_probe.py --model data/06_models/model.pt --cases 64
 """
@@ -81,12 +86,30 @@ def probe(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.Tens
     unet_diffusion, unet_kl = norms(net.denoiser)
     amn_diffusion, amn_kl = norms(net.amn)
     return {
-        "kl": float(terms["kl"]),
+        "kl": float(terms["kl"].detach()),
         "amn_spread": float(first.std(0).mean() / scale),
         "rater_shift": float((mean[pairs, 0] - mean[pairs, 1]).abs().mean() / scale),
         "grad_share": unet_kl / unet_diffusion,
         "amn_kl_fraction": amn_kl / max(amn_kl + amn_diffusion, 1e-30),
+        **z_effect(net, image, masks, mean, pairs, seed),
     }
+
+
+def z_effect(net: CIMD, image: torch.Tensor, masks: torch.Tensor, mean: torch.Tensor, pairs: torch.Tensor,
+             seed: int) -> dict:
+    """``z_flip`` and ``rater_disagreement`` over the cases with two raters (NaN without a latent)."""
+    if not net.latent or not pairs.any():
+        return {"z_flip": float("nan"), "rater_disagreement": float("nan")}
+    image, masks, mean = image[pairs], masks[pairs], mean[pairs]
+    x0 = (2.0 * masks[:, :1].float() - 1.0) * net.params.input_scale
+    t = torch.full((len(x0),), net.diffusion.num_timesteps - 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    x_t = net.diffusion.q_sample(x0, t, noise)
+    condition = torch.zeros_like(x_t) if net.params.self_condition else None
+    with torch.no_grad():
+        signs = [net.x0_estimate(net.model_output(x_t, image, t, condition, mean[:, r]), x_t, t) > 0 for r in (0, 1)]
+    return {"z_flip": float((signs[0] != signs[1]).float().mean()),
+            "rater_disagreement": float((masks[:, 0] != masks[:, 1]).float().mean())}
 
 
 def main() -> None:

@@ -74,6 +74,10 @@ CONFIGS: dict[str, dict[str, object]] = {
     "literature_v": {**PLAIN, **LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
     "cimd_latent": {**COSINE, "model.variant": "cimd_latent"},
     "cimd_latent_lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent"},
+    "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
+    "groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4},
+    "cimd_latent_groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4,
+                             "model.variant": "cimd_latent"},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

@@ -80,8 +80,10 @@ def test_ambiguity_probe_measures_the_encoders(project):
     out = run_script(project, "ambiguity_probe.py", "--cases", "8")
     assert "cimd_aa model" in out
     table = pd.read_csv(project / "data/08_reporting/ambiguity_probe.csv").set_index("encoders")
-    assert list(table.columns) == ["kl", "amn_spread", "rater_shift", "grad_share", "amn_kl_fraction"]
-    assert (table >= 0).all().all() and table.notna().all().all()
+    assert list(table.columns) == ["kl", "amn_spread", "rater_shift", "grad_share", "amn_kl_fraction", "z_flip",
+                                   "rater_disagreement"]
+    measured = table.drop(columns=["z_flip", "rater_disagreement"])  # cimd_aa's denoiser has no z to read
+    assert (measured >= 0).all().all() and measured.notna().all().all() and table["z_flip"].isna().all()
     assert (table["amn_kl_fraction"] == 1.0).all()  # in cimd_aa only the KL trains the AMN
     small, default = table.loc["fresh, head N(0, 0.01^2)"], table.loc["fresh, PyTorch default init"]
     assert default["kl"] > small["kl"] and default["grad_share"] > small["grad_share"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -96,3 +98,44 @@ def test_workers_run_every_job_and_a_failure_stops_after_the_others(monkeypatch)
     stop_if_failed([], 5)
     with pytest.raises(SystemExit, match="2 of 5 runs failed; rerun the same command to retry them"):
         stop_if_failed(failed, 5)
+
+
+class ReadsZ(torch.nn.Module):
+    """A denoiser whose x0 is +1 everywhere when the first latent value is positive, else -1."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def forward(self, x_t, image, t, extra=None):
+        first = extra[:, -self.latent_dim]
+        x0 = torch.where(first > 0, 5.0, -5.0)[:, None]
+        return torch.cat([x0, torch.zeros_like(x0)], 1)
+
+
+@pytest.fixture
+def ambiguity_probe(monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT / "benchmarks"))
+    import ambiguity_probe
+
+    return ambiguity_probe
+
+
+def test_z_flip_counts_the_pixels_the_latent_decides(ambiguity_probe):
+    image, masks, valid = batch()
+    net = CIMD(tiny("cimd_latent"), image_channels=2)
+    k = net.params.latent_dim
+    pairs = valid[:, 0] & valid[:, 1]
+    apart = torch.zeros(len(image), masks.shape[1], k)
+    apart[:, 0, 0], apart[:, 1, 0] = 1.0, -1.0  # the two raters' posterior means on either side of 0
+    net.denoiser = ReadsZ(k)
+    reads = ambiguity_probe.z_effect(net, image, masks, apart, pairs, seed=0)
+    assert reads["z_flip"] == 1.0
+    want = (masks[pairs, 0] != masks[pairs, 1]).float().mean().item()
+    assert reads["rater_disagreement"] == pytest.approx(want) and 0 < want < 1
+    same = ambiguity_probe.z_effect(net, image, masks, apart[:, [0, 0]], pairs, seed=0)
+    assert same["z_flip"] == 0.0  # the same z for both raters: nothing to flip
+    net.denoiser = Constant(torch.full((3, 1, 16, 16), 5.0))
+    assert ambiguity_probe.z_effect(net, image, masks, apart, pairs, seed=0)["z_flip"] == 0.0  # blind to z
+    plain = CIMD(tiny("cimd_aa"), image_channels=2)
+    assert math.isnan(ambiguity_probe.z_effect(plain, image, masks, apart, pairs, seed=0)["z_flip"])
