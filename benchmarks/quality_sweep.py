@@ -66,7 +66,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3},
     "lr_2e-3": {**COSINE_TANH, "training.lr": 2e-3},
     "lr_1e-3_flip_x": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["x"]},
-    "lr_1e-3_flip_xy": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["x", "y"]},
     "self_cond": {**PLAIN, "model.self_condition": True},
     "literature": {**PLAIN, **LITERATURE},
     "literature_b0.3": {**PLAIN, **LITERATURE, "model.input_scale": 0.3},
@@ -76,8 +75,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "cimd_latent_lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent"},
     "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
     "groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4},
-    "cimd_latent_groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4,
-                             "model.variant": "cimd_latent"},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")
