@@ -105,9 +105,8 @@ def z_effect(net: CIMD, image: torch.Tensor, masks: torch.Tensor, mean: torch.Te
     t = torch.full((len(x0),), net.diffusion.num_timesteps - 1)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x_t = net.diffusion.q_sample(x0, t, noise)
-    condition = torch.zeros_like(x_t) if net.params.self_condition else None
-    with torch.no_grad():
-        signs = [net.x0_estimate(net.model_output(x_t, image, t, condition, mean[:, r]), x_t, t) > 0 for r in (0, 1)]
+    with torch.no_grad():  # one denoiser call per rater's code, as the first step of a sampling chain
+        signs = [net.x0_estimate(net.model_fn(image, mean[:, r])(x_t, t), x_t, t) > 0 for r in (0, 1)]
     return {"z_flip": float((signs[0] != signs[1]).float().mean()),
             "rater_disagreement": float((masks[:, 0] != masks[:, 1]).float().mean())}
 

@@ -57,8 +57,7 @@ def x0_errors(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.
             if net.latent:  # the latent variant samples z from its image prior
                 prior = net.acn(image)
                 z = prior.mean + prior.stddev * torch.randn(prior.mean.shape, generator=generator)
-            condition = torch.zeros_like(x_t) if net.params.self_condition else None
-            estimate = net.x0_estimate(net.model_output(x_t, image, t, condition, z), x_t, t)
+            estimate = net.x0_estimate(net.model_fn(image, z)(x_t, t), x_t, t)  # a chain's first call
             errors.append(float(((estimate - x0) ** 2).mean()))
             wrong.append(float(((estimate > 0) != (x0 > 0)).float().mean()))
         rows.append({"t_low": int(low), "t_high": int(high - 1), "x0_mse": float(np.mean(errors)),
