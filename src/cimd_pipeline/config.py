@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cimd_pipeline.data.alignment import Normalisation, ResizeMode
 from cimd_pipeline.data.synthetic import SyntheticConfig
-from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule, PredictionType, schedule_problems
+from cimd_pipeline.diffusion import (
+    LossWeighting,
+    NoiseSchedule,
+    PredictionType,
+    schedule_problems,
+    weighting_problems,
+)
 from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.models.denoiser import UNetConfig
 
@@ -145,13 +151,14 @@ class ModelParams(Strict):
     baselines: BaselineParams = BaselineParams()  # prob_unet / phiseg only
 
     @model_validator(mode="after")
-    def _activation_needs_x0(self) -> "ModelParams":
+    def _consistent_recipe(self) -> "ModelParams":
         if self.output_activation != "none" and self.prediction_type is not PredictionType.X0:
             raise ValueError(
                 f"output_activation={self.output_activation!r} bounds an x0 prediction; "
                 f"prediction_type={self.prediction_type.value!r} predicts an unbounded target"
             )
         problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
+        problems += weighting_problems(self.prediction_type, self.loss_weighting)
         if problems:  # the same function builds the model's schedule (models/cimd.py)
             raise ValueError("; ".join(problems))
         return self

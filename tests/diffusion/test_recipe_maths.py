@@ -71,12 +71,16 @@ def test_snr_plus_one_on_x0_hat_is_the_v_loss(scale):
 
 @pytest.mark.parametrize("scale", [1.0, 0.3])
 def test_min_snr_with_a_huge_gamma_on_x0_hat_is_the_eps_loss(scale):
+    """Min-SNR clamps the SNR of the scaled mask, b^2 SNR(t): with gamma -> infinity its weighted
+    x0_hat MSE (mask units) is the eps-MSE of the scaled process itself, at every b."""
     simple, snr = _losses(PredictionType.EPS, "simple", scale)
     weighted, _ = _losses(PredictionType.EPS, "min_snr", scale, gamma=1e12)
-    assert torch.allclose(simple, weighted * scale**2, rtol=1e-3)
+    assert torch.allclose(simple, weighted, rtol=1e-3)
     clipped, _ = _losses(PredictionType.EPS, "min_snr", scale, gamma=2.0)
-    expected = weighted * torch.as_tensor(np.minimum(snr, 2.0) / snr, dtype=torch.float32)
+    effective = scale**2 * snr
+    expected = weighted * torch.as_tensor(np.minimum(effective, 2.0) / effective, dtype=torch.float32)
     assert torch.allclose(clipped, expected, rtol=1e-4)
+    assert (effective > 2.0).any() and (effective < 2.0).any()  # the clamp acts on some steps only
 
 
 def test_simple_x0_loss_is_in_mask_units_whatever_the_scale():

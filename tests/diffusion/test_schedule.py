@@ -293,3 +293,17 @@ def test_bad_config_raises(kwargs):
 )
 def test_schedule_problems_say_why_a_schedule_cannot_work(args, problems):
     assert schedule_problems(*args) == problems
+
+
+@pytest.mark.parametrize("weighting", ["snr_plus_one", "min_snr"])
+def test_snr_weighted_losses_make_no_float64_tensor_off_the_cpu(weighting):
+    """The SNR table of the weighted losses goes through the same float32 lookup as `extract`."""
+    diffusion = GaussianDiffusion(BETAS, "x0", learn_sigma=True, input_scale=0.5, loss_weighting=weighting)
+    t = torch.tensor([0, 999, 5, 400], device="meta")
+    x0, x_t, noise = (torch.empty(SHAPE, device="meta") for _ in range(3))
+    model_out = torch.empty(SHAPE[0], 2, *SHAPE[2:], device="meta")
+    with _TensorsMade() as record:
+        terms = diffusion.training_losses(model_out, x0, x_t, t, noise)
+    assert terms["loss"].device.type == "meta" and terms["loss"].dtype == torch.float32
+    off_cpu = [(op, dtype) for op, device, dtype in record.made if device != "cpu"]
+    assert off_cpu and all(dtype != torch.float64 for _, dtype in off_cpu), off_cpu

@@ -14,7 +14,6 @@ from cimd_pipeline.diffusion.respace import respaced_diffusion, space_timesteps
 from cimd_pipeline.diffusion.samplers import ModelFn, ddim_step, ddpm_step, sample
 from cimd_pipeline.diffusion.schedule import (
     GaussianDiffusion,
-    LossWeighting,
     NoiseSchedule,
     PredictionType,
     cosine_betas,
@@ -22,8 +21,8 @@ from cimd_pipeline.diffusion.schedule import (
     linear_betas,
     make_betas,
     schedule_problems,
-    x0_loss_weights,
 )
+from cimd_pipeline.diffusion.weighting import LossWeighting, weighting_problems, x0_loss_weights
 
 __all__ = [
     "GaussianDiffusion",
@@ -45,5 +44,6 @@ __all__ = [
     "sample",
     "schedule_problems",
     "space_timesteps",
+    "weighting_problems",
     "x0_loss_weights",
 ]

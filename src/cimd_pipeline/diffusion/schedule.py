@@ -23,6 +23,7 @@ from cimd_pipeline.diffusion.losses import (
     mean_flat,
     normal_kl,
 )
+from cimd_pipeline.diffusion.weighting import LossWeighting, weighting_problems, x0_loss_weights
 
 
 class NoiseSchedule(str, enum.Enum):
@@ -30,20 +31,6 @@ class NoiseSchedule(str, enum.Enum):
 
     LINEAR = "linear"
     COSINE = "cosine"
-
-
-class LossWeighting(str, enum.Enum):
-    """How the regression loss weighs timesteps (see `x0_loss_weights`).
-
-    ``simple`` is L_simple: the unweighted MSE on the network's own target (eps, x0 or v).
-    ``snr_plus_one`` and ``min_snr`` weigh the MSE of the clean-mask estimate x0_hat by
-    1 + SNR(t) (Christensen et al. 2025's released configuration; equal to the v-MSE) and by
-    min(SNR(t), gamma) (Min-SNR, Hang et al. 2023), whatever the network predicts.
-    """
-
-    SIMPLE = "simple"
-    SNR_PLUS_ONE = "snr_plus_one"
-    MIN_SNR = "min_snr"
 
 
 class PredictionType(str, enum.Enum):
@@ -95,22 +82,6 @@ def make_betas(
     if NoiseSchedule(schedule) is NoiseSchedule.COSINE:
         return cosine_betas(num_timesteps)
     return linear_betas(num_timesteps, beta_start, beta_end)
-
-
-def x0_loss_weights(weighting: LossWeighting | str, snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample weights of the clean-mask MSE for ``snr_plus_one`` and ``min_snr``, shape of ``snr``.
-
-    With x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and SNR = abar / (1 - abar), the MSEs of the three
-    targets are multiples of the x0 MSE: |eps_hat - eps|^2 = SNR |x0_hat - x0|^2 and
-    |v_hat - v|^2 = (1 + SNR) |x0_hat - x0|^2. So ``snr_plus_one`` is the v-loss and ``min_snr``
-    the Min-SNR-gamma loss, for whichever target the network predicts.
-    """
-    weighting = LossWeighting(weighting)
-    if weighting is LossWeighting.SNR_PLUS_ONE:
-        return 1.0 + snr
-    if weighting is LossWeighting.MIN_SNR:
-        return snr.clamp(max=gamma)
-    raise ValueError(f"{weighting.value!r} weighs the network's own target, not x0_hat: no x0 weights")
 
 
 def schedule_problems(
@@ -175,7 +146,7 @@ class GaussianDiffusion:
             the process runs on b * x0, so clean data lie in [-b, b]; x0 estimates are clipped
             there and the losses are reported in mask units (divided by b). 1 is plain DDPM.
         loss_weighting: `LossWeighting` of the regression term of `training_losses`.
-        min_snr_gamma: gamma of ``min_snr``.
+        min_snr_gamma: gamma of ``min_snr`` (a clamp on the scaled signal's SNR, b^2 SNR(t)).
     """
 
     def __init__(
@@ -202,6 +173,9 @@ class GaussianDiffusion:
             # beta = 1 gives abar = 0 from there on: predict_x0 divides by zero (NaN samples).
             raise ValueError(f"betas must lie in (0, 1), got range [{betas.min():.4g}, {betas.max():.4g}]")
         self.prediction_type = PredictionType(prediction_type)
+        problems = weighting_problems(self.prediction_type, self.loss_weighting)
+        if problems:
+            raise ValueError(problems[0])
         self.learn_sigma = bool(learn_sigma)
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
@@ -408,9 +382,10 @@ class GaussianDiffusion:
             if self.prediction_type is PredictionType.X0:
                 mse = mse / self.input_scale**2
         else:
-            snr = torch.as_tensor(self.snr, device=t.device)[t].to(torch.float32)
+            snr = extract(self.snr, t, t.shape)  # float32 made on the CPU, as every table
             x0_error = mean_flat((pred_x0 - x0) ** 2) / self.input_scale**2
-            mse = x0_loss_weights(self.loss_weighting, snr, self.min_snr_gamma) * x0_error
+            weights = x0_loss_weights(self.loss_weighting, snr, self.min_snr_gamma, self.input_scale)
+            mse = weights * x0_error
         if var_values is None:
             vlb = self.vlb_terms(prediction.detach(), x0, x_t, t)
             loss = mse
