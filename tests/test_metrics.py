@@ -17,6 +17,7 @@ from cimd_pipeline.metrics import (
     evaluate_batch,
     evaluate_case,
     ged,
+    ged_floor,
     hm_iou,
     pairwise_dice,
     pairwise_iou,
@@ -56,6 +57,9 @@ def ref_metrics(samples, raters):
 
     out = {"ged": 2 * mean_d(S, Y) - mean_d(S, S) - mean_d(Y, Y), "ged_cross": mean_d(S, Y),
            "diversity_samples": mean_d(S, S), "diversity_raters": mean_d(Y, Y)}
+    pairs = [1 - ref_iou(Y[i], Y[j]) for i in range(r) for j in range(r) if i != j]
+    out["rater_distance"] = float(np.mean(pairs)) if pairs else math.nan
+    out["ged_floor"] = out["rater_distance"] * (1 / n + 1 / r)
 
     size = math.lcm(n, r)
     S_rep, Y_rep = [S[k % n] for k in range(size)], [Y[k % r] for k in range(size)]
@@ -86,7 +90,7 @@ def ref_metrics(samples, raters):
 def assert_metrics_close(got, want, tol=1e-6):
     assert set(got) == set(METRIC_KEYS)
     for key in METRIC_KEYS:
-        assert got[key] == pytest.approx(want[key], abs=tol), key
+        assert got[key] == pytest.approx(want[key], abs=tol, nan_ok=True), key
 
 
 def random_masks(rng, n, shape=(5, 6)):
@@ -181,7 +185,8 @@ def test_hand_case_dice_max():
 def test_identical_empty_sets():
     empty = np.zeros((3, 4, 4), bool)
     got = evaluate_case(empty, empty[:2])
-    assert got == {"ged": 0.0, "ged_cross": 0.0, "diversity_samples": 0.0, "diversity_raters": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
+    assert got == {"ged": 0.0, "ged_cross": 0.0, "diversity_samples": 0.0, "diversity_raters": 0.0,
+                   "rater_distance": 0.0, "ged_floor": 0.0, "hm_iou": 1.0, "dice_max": 1.0, "ci": 1.0, "ci_hm": 1.0,
                    "ci_var": 1.0, "ci_hm_var": 1.0, "s_c": 1.0, "d_max": 1.0, "d_a": 1.0,
                    "d_a_var": 1.0}
 
@@ -205,6 +210,56 @@ def test_identical_sets_have_zero_ged_thanks_to_diagonal():
     assert ged(masks, masks) == pytest.approx(0.0, abs=1e-12)
     assert ged(masks, masks[[2, 0, 1]]) == pytest.approx(0.0, abs=1e-12)
     assert hm_iou(masks, masks[::-1]) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- perfect-sampler floor
+
+
+def test_ged_floor_hand_case():
+    # Raters {a} and {c, d} of S_HAND/Y_HAND are disjoint: d = 1 for the one pair, so d̄ = 1 and
+    # the floor for N = 2 samples and m = 2 raters is 1 * (1/2 + 1/2) = 1; for N = 16, 9/16.
+    got = evaluate_case(S_HAND, Y_HAND)
+    assert got["rater_distance"] == pytest.approx(1.0)
+    assert got["ged_floor"] == pytest.approx(1.0)
+    assert ged_floor(got["rater_distance"], 16, 2) == pytest.approx(9 / 16)
+    # Three raters {a}, {a}, {a, b}: pair distances 0, 1/2, 1/2 -> d̄ = 1/3 (not the diagonal-
+    # including mean 2/9); one sample: floor = 1/3 * (1 + 1/3) = 4/9.
+    raters = np.array([[[1, 0]], [[1, 0]], [[1, 1]]])
+    got = evaluate_case(raters[:1], raters)
+    assert got["rater_distance"] == pytest.approx(1 / 3)
+    assert got["ged_floor"] == pytest.approx(4 / 9)
+    assert ged_floor(np.array([0.3, 0.6]), np.array([4, 16]), 4) == pytest.approx([0.15, 0.1875])
+
+
+def test_ged_floor_is_the_exact_expected_ged_of_a_perfect_sampler():
+    # A rater distribution on two overlapping masks A = {0, 1} (prob 0.3) and B = {1, 2, 3}
+    # (prob 0.7): d(A, B) = 1 - 1/4 = 3/4, so the mean distance of two independent draws is
+    # d = 2 * 0.3 * 0.7 * 3/4 = 0.315. Enumerating every draw of m = 2 raters and N = 3 samples
+    # (weight = product of the draws' probabilities), the expected GED is d * (1/3 + 1/2), and so
+    # is the expected floor estimated from the raters alone.
+    masks = np.array([[[1, 1, 0, 0]], [[0, 1, 1, 1]]], bool)
+    prob = np.array([0.3, 0.7])
+    n, m = 3, 2
+    combos = list(itertools.product(range(2), repeat=n + m))
+    weights = np.array([np.prod(prob[list(c)]) for c in combos])
+    samples = np.stack([masks[list(c[:n])] for c in combos])
+    raters = np.stack([masks[list(c[n:])] for c in combos])
+    got = evaluate_batch(samples, raters)
+    expected_ged = sum(w * g["ged"] for w, g in zip(weights, got))
+    expected_floor = sum(w * g["ged_floor"] for w, g in zip(weights, got))
+    assert weights.sum() == pytest.approx(1.0)
+    assert expected_ged == pytest.approx(0.315 * (1 / 3 + 1 / 2), abs=1e-12)
+    assert expected_floor == pytest.approx(expected_ged, abs=1e-12)
+
+
+def test_ged_floor_is_nan_below_two_raters_in_a_batch():
+    rng = np.random.default_rng(5)
+    samples, raters = random_masks(rng, 8).reshape(2, 4, 5, 6), random_masks(rng, 6).reshape(2, 3, 5, 6)
+    valid = np.array([[True, False, False], [True, True, False]])
+    one, two = evaluate_batch(samples, raters, valid)
+    assert math.isnan(one["rater_distance"]) and math.isnan(one["ged_floor"])
+    assert not math.isnan(one["ged"])
+    assert two["ged_floor"] == pytest.approx(ref_metrics(samples[1], raters[1, :2])["ged_floor"])
 
 
 # --------------------------------------------------------------------------- HM-IoU replication

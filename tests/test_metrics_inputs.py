@@ -106,7 +106,7 @@ def test_every_tensor_is_made_on_the_inputs_device():
     with torch.device("meta"):  # tensors created without the inputs' device would land here
         got = evaluate_batch(s, y, valid), evaluate_batch(s, y), evaluate_case(s[0], y[0])
         iou = pairwise_iou(s[0], y[0])
-    assert got == expected
+    assert repr(got) == repr(expected)  # repr: a case with one rater has a NaN floor (nan != nan)
     assert iou.device == torch.device("cpu")
 
 

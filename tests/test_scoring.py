@@ -98,3 +98,45 @@ def test_each_family_gets_its_own_means_with_its_oracle_beside_them():
         for key in ("ged", "hm_iou", "ged_oracle"):
             assert summary[f"{key}_{family}"] == pytest.approx(per_case[key].to_numpy()[rows].mean()), (key, family)
     assert summary["ged_oracle_nodule"] != pytest.approx(summary["ged_oracle_bone"])
+
+
+@pytest.mark.parametrize("n", [16, 100])
+def test_floor_for_the_n_drawn_and_for_16_and_100_beside_ged(n):
+    rng = np.random.default_rng(4)
+    data = _data(rng)
+    summary, per_case, metrics = evaluate_samples(_samples(rng, data, n), data, _model())
+    floors = {k: [] for k in ("ged_floor", "ged_floor_16", "ged_floor_100")}
+    for row in range(len(data)):
+        raters = _raters(data, row).astype(bool)
+        m = len(raters)
+        pairs = [1 - evaluate_case(raters[[i]], raters[[j]])["hm_iou"] for i in range(m) for j in range(m) if i != j]
+        for key, count in (("ged_floor", n), ("ged_floor_16", 16), ("ged_floor_100", 100)):
+            floors[key].append(np.mean(pairs) * (1 / count + 1 / m))
+    for key, want in floors.items():
+        assert per_case[key].to_numpy() == pytest.approx(want), key
+        assert summary[key] == pytest.approx(np.mean(want)) and metrics[key]["value"] == summary[key]
+    assert summary["ged_floor_cases"] == len(data)
+    assert ("ged100" in summary) == (n == 100)
+    if n == 100:
+        assert per_case["ged100"].to_numpy() == pytest.approx(per_case["ged"].to_numpy())
+
+
+def test_cases_with_one_rater_have_no_floor_and_are_counted_out():
+    rng = np.random.default_rng(5)
+    data = _data(rng)
+    data.rater_valid[1] = [True, False, False]
+    summary, per_case, _ = evaluate_samples(_samples(rng, data, 16), data, _model())
+    assert per_case["ged_floor"].isna().tolist() == [False, True, False]
+    assert summary["ged_floor_cases"] == 2
+    assert summary["ged_floor"] == pytest.approx(per_case["ged_floor"].iloc[[0, 2]].mean())
+    assert not np.isnan(summary["ged"])
+
+
+def test_no_floor_at_all_when_no_case_has_two_raters():
+    rng = np.random.default_rng(6)
+    data = _data(rng)
+    data.rater_valid[:] = [True, False, False]
+    summary, _, metrics = evaluate_samples(_samples(rng, data, 16), data, _model())
+    assert summary["ged_floor_cases"] == 0
+    assert not {"ged_floor", "ged_floor_16", "rater_distance"} & (set(summary) | set(metrics))
+    assert all(np.isfinite(v) for v in summary.values() if isinstance(v, float))

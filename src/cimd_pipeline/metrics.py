@@ -12,7 +12,8 @@ Conventions, and why:
   raters agree that there is no lesion would punish a model that correctly predicts nothing.
 * GED averages over all ordered pairs *including* i = j (diagonal distance 0 counts in the
   denominators), the estimator used by the Probabilistic U-Net line of work; with it identical
-  sample and rater sets score exactly 0.
+  sample and rater sets score exactly 0, but a perfect sampler does not: ``ged_floor`` is its
+  expected GED, d̄(1/N + 1/m) with d̄ = ``rater_distance`` (see :func:`ged_floor`).
 * The CI score is reported for both readings of its diversity-agreement term D_a. The paper
   compares the largest and smallest "variance" V between two masks of the sample set with those
   of the rater set. ``ci`` reads V as 1 - Dice of the pair (our first choice: it is bounded by 1
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate_batch",
     "evaluate_case",
     "ged",
+    "ged_floor",
     "hm_iou",
     "pairwise_dice",
     "pairwise_iou",
@@ -53,7 +55,7 @@ MaskLike = np.ndarray | torch.Tensor
 
 #: Keys of the per-case dictionaries returned by :func:`evaluate_case` / :func:`evaluate_batch`.
 METRIC_KEYS = (
-    "ged", "ged_cross", "diversity_samples", "diversity_raters",
+    "ged", "ged_cross", "diversity_samples", "diversity_raters", "rater_distance", "ged_floor",
     "hm_iou", "dice_max", "ci", "ci_hm", "ci_var", "ci_hm_var", "s_c", "d_max", "d_a", "d_a_var",
 )
 
@@ -212,9 +214,28 @@ def _ged(d_sy: torch.Tensor, d_ss: torch.Tensor, d_yy: torch.Tensor, valid: torc
     n, r = d_ss.shape[1], v.sum(1)
     cross = (d_sy * v[:, None, :]).sum((1, 2)) / (n * r)
     within_s = d_ss.mean((1, 2))
-    within_y = (d_yy * v[:, :, None] * v[:, None, :]).sum((1, 2)) / r**2
+    rater_sum = (d_yy * v[:, :, None] * v[:, None, :]).sum((1, 2))  # the diagonal is 0
+    within_y = rater_sum / r**2
+    # Mean distance between two *different* raters; undefined (NaN) below two raters.
+    distance = torch.where(r > 1, rater_sum / (r * (r - 1)).clamp_min(1), math.nan)
     return {"ged": 2 * cross - within_s - within_y, "ged_cross": cross, "diversity_samples": within_s,
-            "diversity_raters": within_y}
+            "diversity_raters": within_y, "rater_distance": distance,
+            "ged_floor": ged_floor(distance, n, r)}
+
+
+def ged_floor(rater_distance, num_samples, num_raters):
+    """Expected GED of a perfect sampler: ``rater_distance * (1/num_samples + 1/num_raters)``.
+
+    A sampler that draws its N masks independently from the raters' own distribution still
+    scores above 0 with the diagonal-including estimator: the i = j zeros shrink the two
+    within-set terms by (N - 1)/N and (m - 1)/m while the cross term keeps the full mean distance
+    d̄ between two independent draws, so E[GED] = 2d̄ - (N - 1)/N·d̄ - (m - 1)/m·d̄ = d̄(1/N + 1/m)
+    for m exchangeable raters (derivation and assumptions in docs/metrics.md). ``rater_distance``
+    is the per-case estimate of d̄ (the ``rater_distance`` metric: mean 1 - IoU over pairs of
+    different valid raters, NaN with fewer than two, which propagates). Works elementwise on
+    floats, numpy arrays and tensors, so the evaluator can rescale one case's floor to any N.
+    """
+    return rater_distance * (1 / num_samples + 1 / num_raters)
 
 
 def _dice_max(dice_sy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

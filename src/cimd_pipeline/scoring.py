@@ -19,15 +19,20 @@ import torch
 
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.ensembles import SampleSet
-from cimd_pipeline.metrics import METRIC_KEYS, evaluate_batch
+from cimd_pipeline.metrics import METRIC_KEYS, evaluate_batch, ged_floor
 
 logger = logging.getLogger(__name__)
 
 #: Every per-case metric but ``d_max``, which is ``dice_max`` under its CI-score name.
 SUMMARY_KEYS = tuple(k for k in METRIC_KEYS if k != "d_max")
-#: From this many samples per image on, GED over the first 16 (``ged16``) is reported beside
-#: ``ged``: GED grows as the sample count shrinks, and papers report both GED16 and GED100.
+#: From this many samples per image on, GED over the first 16 and the first 100 (``ged16``,
+#: ``ged100``) is reported beside ``ged``: GED grows as the sample count shrinks, and papers
+#: report both GED16 and GED100.
 GED16_FROM = 100
+#: Sample counts of the published GED figures; the perfect-sampler floor is reported for each
+#: (``ged_floor_16``, ``ged_floor_100``) beside ``ged_floor`` for the N actually drawn.
+PUBLISHED_N = (16, 100)
+FLOOR_COLUMNS = tuple(f"ged_floor_{k}" for k in PUBLISHED_N)
 
 
 def _rows_for(case_ids: np.ndarray, data: AlignedSet) -> np.ndarray:
@@ -41,8 +46,10 @@ def _rows_for(case_ids: np.ndarray, data: AlignedSet) -> np.ndarray:
 def score_samples(
     samples: SampleSet, data: AlignedSet, chunk: int = 64, device: str | torch.device = "cpu"
 ) -> pd.DataFrame:
-    """One row per sampled case: ids, metadata, every metric, ``ged_oracle`` where known, and
-    ``ged16`` (GED of the first 16 samples) when at least `GED16_FROM` samples were drawn."""
+    """One row per sampled case: ids, metadata, every metric, the perfect-sampler floor for 16
+    and 100 samples (``ged_floor_16``, ``ged_floor_100``), ``ged_oracle`` where known, and
+    ``ged16`` / ``ged100`` (GED of the first 16 / 100 samples) when at least `GED16_FROM`
+    samples were drawn."""
     rows = _rows_for(samples.case_ids, data)
     n = samples.binary.shape[1]
     records: list[dict[str, Any]] = []
@@ -52,9 +59,14 @@ def score_samples(
         valid = torch.as_tensor(np.asarray(data.rater_valid[index]), device=device)
         drawn = torch.as_tensor(samples.binary[start : start + chunk], device=device)
         scores = evaluate_batch(drawn, raters, valid)
+        for score, m in zip(scores, valid.sum(1).tolist()):
+            for k in PUBLISHED_N:
+                score[f"ged_floor_{k}"] = ged_floor(score["rater_distance"], k, m)
         if n >= GED16_FROM:
-            for score, first16 in zip(scores, evaluate_batch(drawn[:, :16], raters, valid)):
-                score["ged16"] = first16["ged"]
+            for k in PUBLISHED_N:
+                first = scores if k == n else evaluate_batch(drawn[:, :k], raters, valid)
+                for score, part in zip(scores, first):
+                    score[f"ged{k}"] = part["ged"]
         if data.oracle is not None:
             oracle = torch.as_tensor(np.asarray(data.oracle[index])[:, :n], device=device)
             for score, truth in zip(scores, evaluate_batch(oracle, raters, valid)):
@@ -74,15 +86,23 @@ def score_samples(
 def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
     """Aggregate means (over test images) plus the run's settings, as written to metrics.json."""
     summary: dict[str, Any] = {k: float(per_case[k].mean()) for k in SUMMARY_KEYS}
-    for optional in ("ged16", "ged_oracle", "ged_cross_oracle", "diversity_oracle"):
+    # The floor is undefined for a case with fewer than two valid raters: it is left out of the
+    # floor's mean (pandas skips NaN), and the count of cases that have one is reported.
+    summary["ged_floor_cases"] = int(per_case["ged_floor"].notna().sum())
+    if not summary["ged_floor_cases"]:  # no NaN in metrics.json: the floor is simply absent
+        per_case = per_case.drop(columns=["rater_distance", "ged_floor", *FLOOR_COLUMNS])
+        for key in ("rater_distance", "ged_floor"):
+            del summary[key]
+    for optional in ("ged16", "ged100", *FLOOR_COLUMNS, "ged_oracle", "ged_cross_oracle",
+                     "diversity_oracle"):
         if optional in per_case:
             summary[optional] = float(per_case[optional].mean())
     if "ged_oracle_samples" in per_case:
         summary["ged_oracle_samples"] = int(per_case["ged_oracle_samples"].min())
     if "family" in per_case:
         for family, group in per_case.groupby("family"):
-            for k in ("ged", "hm_iou", "dice_max", "ci", "ci_var", "ged_oracle"):
-                if k in group:
+            for k in ("ged", "ged_floor", "hm_iou", "dice_max", "ci", "ci_var", "ged_oracle"):
+                if k in group and group[k].notna().any():
                     summary[f"{k}_{family}"] = float(group[k].mean())
     summary["test_cases"] = len(per_case)
     summary.update(info)
