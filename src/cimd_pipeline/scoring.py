@@ -20,6 +20,7 @@ import torch
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.ensembles import SampleSet
 from cimd_pipeline.metrics import METRIC_KEYS, evaluate_batch, ged_floor
+from cimd_pipeline.uncertainty import bootstrap_intervals, interval_columns
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ def score_samples(
     return pd.concat([table, pd.DataFrame(records)], axis=1)
 
 
-def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
-    """Aggregate means (over test images) plus the run's settings, as written to metrics.json."""
+def summarise(
+    per_case: pd.DataFrame, info: dict[str, Any], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Aggregate means (over test images), each with its bootstrap 95 % interval over images
+    (``<metric>_low95`` / ``<metric>_high95``, `cimd_pipeline.uncertainty`; ``resamples`` and
+    ``seed`` fix it), plus the run's settings, as written to metrics.json."""
     summary: dict[str, Any] = {k: float(per_case[k].mean()) for k in SUMMARY_KEYS}
     # The floor is undefined for a case with fewer than two valid raters: it is left out of the
     # floor's mean (pandas skips NaN), and the count of cases that have one is reported.
@@ -104,6 +109,9 @@ def summarise(per_case: pd.DataFrame, info: dict[str, Any]) -> dict[str, Any]:
             for k in ("ged", "ged_floor", "hm_iou", "dice_max", "ci", "ci_var", "ged_oracle"):
                 if k in group and group[k].notna().any():
                     summary[f"{k}_{family}"] = float(group[k].mean())
+    overall = [k for k in (*SUMMARY_KEYS, "ged16", "ged100", *FLOOR_COLUMNS, "ged_oracle") if k in summary]
+    summary |= interval_columns(bootstrap_intervals(per_case, overall, resamples, seed))
+    summary["bootstrap_resamples"] = resamples
     summary["test_cases"] = len(per_case)
     summary.update(info)
     return summary
