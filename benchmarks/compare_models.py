@@ -27,7 +27,7 @@ from cimd_pipeline.comparison import comparison_figure, draw_for_cases, latest_r
 from cimd_pipeline.config import SamplingParams
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.models.trained import TrainedModel
-from cimd_pipeline.training.checkpoint import load_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint
 from cimd_pipeline.training.loop import select_device
 
 EXPERIMENT = "cimd_pipeline"

@@ -44,7 +44,7 @@ log = logging.getLogger("mutation")
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "metrics": (("metrics.py",), ("tests/test_metrics.py", "tests/test_metrics_inputs.py")),
     "ensembles": (
-        ("ensembles.py", "diffusion/noise.py"),  # the per-image noise streams are pinned by the ensemble tests
+        ("ensembles.py", "sample_rows.py", "diffusion/noise.py"),  # the per-image noise streams are pinned by the ensemble tests
         # the two-process test spawns workers per mutant (minutes each under mutmut's forks); a
         # progress bar drawn in a forked mutant run waits on a lock for ever (measured: every
         # mutant of the tqdm line ran into mutmut's timeout), so its mutants count as survivors

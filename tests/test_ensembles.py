@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cimd_pipeline import ensembles, sharded_sampling
+from cimd_pipeline import ensembles, sample_rows
 from cimd_pipeline.config import ModelParams, SamplingParams
 from cimd_pipeline.diffusion.noise import RowGenerators, randn, stream_seed
-from cimd_pipeline.ensembles import draw_ensembles, draw_rows, row_batches
+from cimd_pipeline.ensembles import draw_ensembles
 from cimd_pipeline.errors import SamplingError
 from cimd_pipeline.models.trained import build_model
+from cimd_pipeline.sample_rows import draw_rows, row_batches
 
 CPU = torch.device("cpu")
 TINY_MODEL = {
@@ -130,7 +131,7 @@ def test_rows_of_a_later_shard_see_their_own_images_as_float32_on_the_device(mon
     shard = draw_rows(CopyImageNet(), images[2:], keys[2:], params(), CPU, range(6, 13), "m", first_image=2)
     assert np.array_equal(shard, whole) and shard.dtype == np.float16
     spy, devices = SpyNet(), []
-    monkeypatch.setattr(ensembles, "RowGenerators", lambda seeds, device: devices.append(device) or RowGenerators(seeds, CPU))
+    monkeypatch.setattr(sample_rows, "RowGenerators", lambda seeds, device: devices.append(device) or RowGenerators(seeds, CPU))
     meta = torch.device("meta")
     draw_rows(spy, images, keys, params(), meta, range(4), "m")
     assert spy.seen[0].device == meta and spy.seen[0].dtype == torch.float32 and devices == [meta]
@@ -166,7 +167,7 @@ def test_more_than_one_process_shares_the_batches_out(monkeypatch, processes, sh
         calls.append((net, keys.tolist(), params, device, batches, source))
         return np.ones((sum(len(b) for b in batches), *images.shape[2:]), np.float16)
 
-    monkeypatch.setattr(sharded_sampling, "draw_sharded", sharded)
+    monkeypatch.setattr(ensembles, "draw_sharded", sharded)
     setting, net = params(num_processes=processes), CopyImageNet()
     out = draw_ensembles(net, patterns(3), np.array(["a", "b", "c"]), setting, CPU)
     assert len(calls) == shards

@@ -22,7 +22,7 @@ import numpy as np
 from cimd_pipeline.config import SamplingParams
 from cimd_pipeline.inference import sample_maps
 from cimd_pipeline.models.trained import TrainedModel
-from cimd_pipeline.training.checkpoint import load_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint
 from cimd_pipeline.training.loop import select_device
 
 logger = logging.getLogger(__name__)

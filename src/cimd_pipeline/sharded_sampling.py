@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.sample_rows import draw_batches
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,8 @@ def _draw_shard(
     threads: int,
 ) -> np.ndarray:
     """Worker: soft masks of ``batches`` (rows of the whole set), in order."""
-    from cimd_pipeline.ensembles import draw_rows
-
     torch.set_num_threads(threads)
-    net.to(device).eval()
-    parts = [draw_rows(net, images, keys, params, device, rows, source, first_image) for rows in batches]
-    return np.concatenate(parts)
+    return draw_batches(net, images, keys, params, device, batches, source, first_image)
 
 
 def draw_sharded(

@@ -17,7 +17,7 @@ from cimd_pipeline.io.model_dataset import TrainedModelDataset
 from cimd_pipeline.mlflow_runs import TAG_PID
 from cimd_pipeline.models.trained import TrainedModel, build_model
 from cimd_pipeline.pipelines.sampling.nodes import sample_test_cases
-from cimd_pipeline.training.checkpoint import load_state_strict
+from cimd_pipeline.io.torch_files import load_state_strict
 from cimd_pipeline.training.loop import train
 from tests.conftest import make_project_copy
 from tests.models.test_cimd import tiny

@@ -14,7 +14,7 @@ import pytest
 
 from cimd_pipeline.io.model_dataset import TrainedModelDataset
 from cimd_pipeline.mlflow_runs import TAG_PID
-from cimd_pipeline.training.checkpoint import load_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint
 from tests.reliability.conftest import mlflow_client, runs_of, start_kedro, wait_for
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 
 from cimd_pipeline.config import validate_parameters
 from cimd_pipeline.errors import ConfigError
-from cimd_pipeline.training.checkpoint import load_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint
 from cimd_pipeline.training.distributed import spawn_training, torchrun_workers
 from cimd_pipeline.training.loop import Workers, train
 from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)

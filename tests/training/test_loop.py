@@ -17,7 +17,7 @@ from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.errors import DataError
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.trained import TrainedModel
-from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import (
     LossWindow,

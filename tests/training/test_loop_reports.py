@@ -14,7 +14,7 @@ import torch
 
 from cimd_pipeline.errors import DataError
 from cimd_pipeline.training import loop
-from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint, save_checkpoint
 from cimd_pipeline.training.loop import train
 from tests.training import test_loop
 from tests.training.test_loop import fresh, params

@@ -11,7 +11,7 @@ from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases,
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.pipelines.training.nodes import train_model
-from cimd_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint, save_checkpoint
 from cimd_pipeline.training.fingerprint import data_digest
 from cimd_pipeline.training.loop import train
 from tests.models.test_cimd import tiny

@@ -18,7 +18,7 @@ from cimd_pipeline.config import ModelParams, Variant
 from cimd_pipeline.models.cimd import CIMD
 from cimd_pipeline.models.phiseg import PHiSeg
 from cimd_pipeline.models.prob_unet import ProbUNet
-from cimd_pipeline.training.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 
 FORMAT_VERSION = 1
 

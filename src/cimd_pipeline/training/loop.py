@@ -35,13 +35,8 @@ from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models import draws
 from cimd_pipeline.training.augment import apply_flips, draw_flips
-from cimd_pipeline.training.checkpoint import (
-    check_resumable,
-    load_checkpoint,
-    load_state_strict,
-    run_settings,
-    save_checkpoint,
-)
+from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
+from cimd_pipeline.training.checkpoint import check_resumable, run_settings
 from cimd_pipeline.training.ema import EMA
 
 logger = logging.getLogger(__name__)
