@@ -39,7 +39,7 @@ def train_model(
     train_set = data.subset("train")
     plain = model_params.model_dump(mode="json")
     digest = data_digest(train_set)
-    fingerprint = run_fingerprint(plain, train_params, digest)
+    fingerprint = run_fingerprint(model_params, train_params, digest)
     checkpoint = Path(train_params.checkpoint_dir) / f"{model_params.variant.value}-{fingerprint}" / "last.pt"
     torch.manual_seed(train_params.seed)
     net = build_model(model_params, train_set.image_channels)
