@@ -33,6 +33,7 @@ from PIL import Image
 
 from tests.conftest import PROJECT, make_project_copy
 from tests.data.readers.test_folders import cimd_authors_tree
+from tests.data.readers.test_lidc_slices import write_slice_tree
 from tests.data.readers.test_rater_folders import write_set
 from tests.pipelines.test_real_datasets import write_folders, write_lidc, write_msmri, write_qubiq
 
@@ -47,6 +48,8 @@ SKIPPED = {
     ("jupyter", "nbconvert"): "executes the notebook; tests/test_notebook.py runs it",
     ("kedro", "viz"): "the pipeline graph; tests/test_kedro_viz.py builds it",
     ("python", "benchmarks/"): "benchmark scripts; tests/test_benchmarks.py runs each on tiny settings",
+    ("git", "-C"): "extracts the public LIDC slice tree from its repository (data is never downloaded)",
+    ("tar", "-x"): "the other half of that extraction",
 }
 # `kedro run` commands that are parsed by Kedro's own `run` command (its --params YAML included)
 # but not run here, with the reason
@@ -167,6 +170,7 @@ def write_bone_us(root: Path) -> None:
 FIXTURES = {
     "data/01_raw/lidc": write_lidc,
     "data/01_raw/lidc_copy": write_lidc,
+    "data/01_raw/LIDC-IDRI-slices": lambda root: write_slice_tree(root, patients=6, slices=(0, 1)),
     "data/01_raw/folders": write_folders,
     "data/01_raw/flat_pngs": write_flat_pngs,
     "data/01_raw/cimd": cimd_authors_tree,

@@ -23,6 +23,7 @@ from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.io.case_folder import CaseFolderDataset
 from cimd_pipeline.pipelines import data_ingestion, mask_alignment
 from tests.conftest import make_project_copy, run_kedro
+from tests.data.readers.test_lidc_slices import write_slice_tree
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +126,22 @@ def test_environment_produces_the_canonical_aligned_set(project: Path, tmp_path:
     assert set(data.cases["split"]) == {"train", "val", "test"}
     if env == "folders":  # the release's own split folders are kept
         assert (data.cases["split"] == data.cases["case_id"].str.split("/").str[0]).all()
+
+
+def test_lidc_slice_tree_in_one_command(project: Path, tmp_path: Path):
+    """The public slice tree needs only ``--env lidc`` and its folder: patients from the folders."""
+    root = tmp_path / "LIDC-IDRI-slices"
+    ids = write_slice_tree(root, patients=10, slices=(0, 1))
+    proc = run_kedro(project, "--env", "lidc", "--pipelines", "data_ingestion,mask_alignment", "--params", f"ingestion.root={root}")
+    assert "reading the LIDC slice tree" in proc.stdout + proc.stderr
+    data = AlignedDataset(str(project / "data/03_primary/aligned")).load()
+    assert sorted(data.cases["case_id"]) == sorted(ids)
+    assert data.images.shape == (len(ids), 1, 128, 128) and data.masks.shape == (len(ids), 4, 128, 128)
+    assert (data.cases["group_id"] == data.cases["case_id"].str.split("/").str[0]).all()
+    assert (data.cases.groupby("group_id")["split"].nunique() == 1).all()
+    assert set(data.cases["split"]) == {"train", "val", "test"}
+    first = np.flatnonzero(data.cases["case_id"] == ids[0])[0]
+    assert not data.masks[first, 0].any() and data.masks[first, 1:].all(axis=0).any()
 
 
 def run_in_process(root: Path, work: Path, reader: dict, threshold: float | None = None) -> None:

@@ -79,7 +79,7 @@ def test_absolute_file_option(tmp_path: Path):
 def test_entries_are_popped_as_they_are_yielded(tmp_path: Path, monkeypatch):
     entries = six_slices()
     monkeypatch.setattr(lidc_module, "load_pickle", lambda path: entries)
-    stream = get_reader("lidc")(tmp_path, {}, 0)
+    stream = get_reader("lidc")(tmp_path, {"layout": "pickle"}, 0)
     next(stream)
     assert len(entries) == 5
     list(stream)
@@ -95,6 +95,8 @@ def test_unknown_option_and_missing_root_are_refused(tmp_path: Path):
 
 def test_missing_file(tmp_path: Path):
     with pytest.raises(DataError, match=r"data_lidc\.pickle: no such file"):
+        read(tmp_path, layout="pickle")
+    with pytest.raises(DataError, match=r"neither the pickle data_lidc\.pickle nor an LIDC slice tree"):
         read(tmp_path)
 
 

@@ -1,6 +1,7 @@
-"""Reader for the LIDC-IDRI slices of Knegt's ``data_lidc.pickle`` (Probabilistic U-Net, PyTorch).
+"""Reader for LIDC-IDRI: Knegt's ``data_lidc.pickle`` (Probabilistic U-Net, PyTorch) or the
+public slice tree (`lidc_slices`), whichever ``ingestion.root`` holds (``layout: auto``).
 
-The file is a dict ``key -> {"image": float 128x128, "masks": [4 x uint8 128x128],
+The pickle is a dict ``key -> {"image": float 128x128, "masks": [4 x uint8 128x128],
 "series_uid": str, ...}`` with 15,096 lesion-centred slices (~1.3 GB). Slices of one CT series
 share a patient, so ``series_uid`` is the group that splits must keep together. The pickle is
 opened with the allow-list unpickler, never plain ``pickle.load``.
@@ -11,12 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.readers.lidc_slices import is_slice_tree, read_slice_tree
 from cimd_pipeline.data.readers.safe_pickle import load_pickle
 from cimd_pipeline.errors import ConfigError, DataError
 
@@ -27,11 +29,13 @@ class LidcOptions(BaseModel):
     """``ingestion.reader`` options of the ``lidc`` source; unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    file: str = "data_lidc.pickle"  # relative to ingestion.root (or absolute)
+    # auto: the pickle if `file` exists, else the slice tree if root holds one
+    layout: Literal["auto", "pickle", "slices"] = "auto"
+    file: str = "data_lidc.pickle"  # pickle layout: relative to ingestion.root (or absolute)
 
 
 def read_lidc(root: Path | None, options: dict[str, Any], seed: int) -> Iterator[Case]:
-    """Yield one 2-D case per pickle entry; ``seed`` is unused (the file fixes the order).
+    """Yield one 2-D case per slice; ``seed`` is unused (the file or the tree fixes the order).
 
     Options are checked now; the pickle is read when the first case is requested, so the run
     fails on a bad option before any data is touched.
@@ -40,9 +44,36 @@ def read_lidc(root: Path | None, options: dict[str, Any], seed: int) -> Iterator
     path = Path(opts.file)
     if not path.is_absolute():
         if root is None:
-            raise ConfigError(f"ingestion.root: the lidc source needs the folder of {opts.file}")
+            raise ConfigError(f"ingestion.root: the lidc source needs the folder of {opts.file} or the slice tree")
         path = root / path
+    layout = opts.layout
+    if layout == "auto":
+        layout = _detect(root, path)
+        found = f"the LIDC slice tree in {root}" if layout == "slices" else f"the pickle {path}"
+        logger.info("ingestion.reader.layout auto: reading %s (set layout: pickle|slices to choose)", found)
+    if layout == "slices":
+        if root is None or not root.is_dir():
+            raise DataError(root or "ingestion.root", "no such folder (set ingestion.root to the slice tree)")
+        return read_slice_tree(root)
     return _cases(path)
+
+
+def _detect(root: Path | None, pickle_path: Path) -> str:
+    """``pickle`` or ``slices`` from what is there; neither is an error that says what is."""
+    if pickle_path.is_file():
+        return "pickle"
+    if root is not None and root.is_dir() and is_slice_tree(root):
+        return "slices"
+    if root is None or not root.is_dir():
+        raise DataError(root or pickle_path, "no such folder (set ingestion.root)")
+    hint = ""
+    if (root / "LIDC-IDRI-slices").is_dir():
+        hint = f"; set ingestion.root to {root / 'LIDC-IDRI-slices'}"
+    raise DataError(
+        root,
+        f"neither the pickle {pickle_path.name} nor an LIDC slice tree "
+        f"(<patient>/<nodule>/images/slice-*.png beside mask-*/) is here{hint}",
+    )
 
 
 def _cases(path: Path) -> Iterator[Case]:
