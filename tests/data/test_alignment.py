@@ -18,9 +18,12 @@ from cimd_pipeline.data.alignment import (
     stack_cases,
 )
 from cimd_pipeline.data.cases import Case
+from cimd_pipeline.data.readers import get_reader
 from cimd_pipeline.data.splits import assign_splits, choose_splits
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
 from cimd_pipeline.errors import DataError
+from tests.data.readers.test_rater_folders import RADII, write_set
+from tests.data.readers.test_rater_folders import disk as rater_disk
 
 
 def test_binarise_accepts_01_and_0255_and_refuses_soft_masks_without_threshold():
@@ -345,3 +348,37 @@ def test_stack_splits_follow_the_seed():
     np.testing.assert_array_equal(first["split"], expected)
     np.testing.assert_array_equal(first["split"], again["split"])
     assert list(first["split"]) != list(other["split"])
+
+
+# --- one binarisation, one meaning of alignment.binarise_threshold ------------------------------
+
+
+def align_with(cases, threshold):
+    aligned = align_cases(cases, (24, 28), ResizeMode.RESIZE, Normalisation.NONE, threshold, 2, 0.1, 0)
+    return [c.masks for c in aligned]
+
+
+def test_a_threshold_never_cuts_masks_the_reader_binarised(tmp_path):
+    """rater_folders and JPEG masks leave the reader as {0, 1}: a second cut at 127 would empty
+    every one of them (and empty-vs-empty scores as a perfect match), so it is refused."""
+    write_set(tmp_path)
+    cases = list(get_reader("folders")(tmp_path, {"layout": "rater_folders"}, 0))
+    for threshold in (127, 0.5):
+        with pytest.raises(DataError, match=r"CASE03\.png: the reader already binarised these rater masks at > 127"):
+            align_with(cases, threshold)
+    masks = align_with(cases, None)
+    np.testing.assert_array_equal(masks[0], np.stack([rater_disk(r) for r in RADII.values()]))
+
+
+def test_a_threshold_of_one_or_more_on_01_masks_is_refused_and_0255_keeps_its_meaning():
+    disk = np.zeros((4, 24, 28), np.uint8)
+    disk[:, 8:16, 8:20] = 1
+    ones = Case("a", "g", np.zeros((1, 24, 28), np.float32), disk, np.ones(4, bool), meta={"source": "a.pickle"})
+    with pytest.raises(DataError, match=r"a\.pickle: rater masks are already binary .* 127 would empty every mask"):
+        align_with([ones], 127)
+    np.testing.assert_array_equal(align_with([ones], 0.5)[0], disk)
+    empty = Case("e", "g", np.zeros((1, 24, 28), np.float32), 0 * disk, np.ones(4, bool))
+    assert not align_with([empty], 127)[0].any()  # nothing to empty: nothing refused
+    eight_bit = Case("b", "g", np.zeros((1, 24, 28), np.float32), disk * 255, np.ones(4, bool))
+    for threshold in (None, 127, 254):  # on stored 0/255 values every path gives the same mask
+        np.testing.assert_array_equal(align_with([eight_bit], threshold)[0], disk)

@@ -16,6 +16,9 @@ from cimd_pipeline.errors import DataError
 # meta key of the split a reader found in the case's path (train/val/test folders of a release);
 # `mask_alignment` keeps these splits when every case has one (alignment.split: auto)
 GIVEN_SPLIT = "given_split"
+# meta key a reader sets when it binarised the masks itself (JPEG masks, the rater_folders layout):
+# its threshold. `mask_alignment` then binarises nothing again and refuses a second threshold.
+BINARISED_ON_READ = "masks_binarised_at"
 
 
 @dataclass

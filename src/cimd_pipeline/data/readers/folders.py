@@ -14,7 +14,9 @@ JPEG masks are binarised here at ``mask_threshold`` (> 127 by default): JPEG rin
 non-zero values around every edge, and the ``> 0`` rule of the public CIMD code roughly doubles
 the foreground. In ``flat``/``per_case`` PNG masks pass unchanged and `mask_alignment` binarises
 them (refusing soft masks without a threshold). ``rater_folders`` masks come from many tools in
-any PIL mode, so they are binarised here from their luminance (`binary_mask`). All-empty masks
+any PIL mode, so they are binarised here from their luminance (`binary_mask`). A case binarised
+here (every mask of it, once) carries ``BINARISED_ON_READ`` so that alignment does not cut the
+{0, 1} result again with ``alignment.binarise_threshold``. All-empty masks
 are kept: on Bone-US "no bone visible" is what raters often say.
 """
 
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cimd_pipeline.data.cases import GIVEN_SPLIT, Case
+from cimd_pipeline.data.cases import BINARISED_ON_READ, GIVEN_SPLIT, Case
 from cimd_pipeline.data.readers.common import (
     data_files,
     group_of,
@@ -128,9 +130,11 @@ def binary_mask(path: Path, threshold: float, invert: bool) -> np.ndarray:
 def _case(case_id: str, files: CaseFiles, raters: list[str], group: str, opts: FolderOptions) -> Case:
     """Read one case into the dataset's rater slots; a rater without a file here is invalid."""
     image = read_image(files.image, opts.color)
+    # binarised once: here for the whole case if any mask needs it (JPEG) or the layout does
+    on_read = opts.layout == "rater_folders" or any(p.suffix.lower() in _JPEG for p in files.masks.values())
     read: dict[str, np.ndarray] = {}
     for rater, path in files.masks.items():
-        if opts.layout == "rater_folders":
+        if on_read:
             mask = binary_mask(path, opts.mask_threshold, opts.mask_invert)
         else:
             mask = read_mask(path, opts.mask_threshold)
@@ -145,6 +149,8 @@ def _case(case_id: str, files: CaseFiles, raters: list[str], group: str, opts: F
         if rater in read:
             masks[slot] = read[rater]
     meta: dict[str, Any] = {"source": str(files.image)}
+    if on_read:
+        meta[BINARISED_ON_READ] = opts.mask_threshold
     if files.split is not None:
         meta[GIVEN_SPLIT] = files.split
     case = Case(
