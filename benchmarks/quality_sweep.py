@@ -65,7 +65,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lr_3e-4": {**COSINE_TANH, "training.lr": 3e-4},
     "lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3},
     "lr_2e-3": {**COSINE_TANH, "training.lr": 2e-3},
-    "lr_1e-3_flip_x": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["x"]},
+    "lr_1e-3_flip_x": {**COSINE_TANH, "training.lr": 1e-3, "training.flip_axes": ["width"]},
     "self_cond": {**PLAIN, "model.self_condition": True},
     "literature": {**PLAIN, **LITERATURE},
     "literature_b0.3": {**PLAIN, **LITERATURE, "model.input_scale": 0.3},

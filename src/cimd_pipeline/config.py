@@ -170,9 +170,10 @@ class TrainingParams(Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    # spatial axes along which each training example (image and all its masks) is flipped with
-    # probability 1/2: "x" left-right, "y" up-down; only where the anatomy has no handedness
-    flip_axes: list[Literal["x", "y"]] = []
+    # array axes along which each training example (image and all its masks) is flipped with
+    # probability 1/2: "width" mirrors the columns, "height" the rows; which anatomical direction
+    # that is depends on the reader (docs/datasets.md, "Flips"); only where anatomy has no handedness
+    flip_axes: list[Literal["width", "height"]] = []
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True
     checkpoint_every: int = Field(250, ge=1)
@@ -185,6 +186,20 @@ class TrainingParams(Strict):
     progress: bool = True
     # data-parallel worker processes on this machine (one per GPU; gloo on the CPU), docs/scaling.md
     num_processes: int = Field(1, ge=1)
+
+    @field_validator("flip_axes", mode="before")
+    @classmethod
+    def _no_old_axis_names(cls, axes: Any) -> Any:
+        renamed = {"x": "width", "y": "height"}
+        old = [a for a in axes if a in renamed] if isinstance(axes, (list, tuple)) else []
+        if old:
+            raise ValueError(
+                f"{old}: the axes are now named by the array, not by a direction: write "
+                f"{[renamed.get(a, a) for a in axes]} for the same flips ('x' was the array's width, "
+                "'y' its height). 'x' was documented as left-right, but on NIfTI slices (RAS+) the "
+                "width is anterior-posterior; docs/datasets.md lists each reader's directions"
+            )
+        return axes
 
     @field_validator("flip_axes")
     @classmethod

@@ -1,10 +1,14 @@
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from cimd_pipeline.config import TrainingParams
+from cimd_pipeline.data.alignment import slice_volume
 from cimd_pipeline.training.augment import apply_flips, draw_flips
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
+from tests.data.readers.test_nifti import AFFINE, SHAPE, modality, read, save
 from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
 
 
@@ -12,27 +16,27 @@ def test_flips_turn_exactly_the_chosen_examples_along_the_chosen_axes_masks_with
     image = torch.arange(4 * 5 * 6, dtype=torch.float32).view(4, 1, 5, 6)
     masks = torch.stack([(image[:, 0] % 7 > 2), (image[:, 0] % 5 > 1)], 1).to(torch.uint8)
     flips = torch.tensor([[True, False], [False, True], [False, False], [True, True]])
-    out_image, out_masks = apply_flips(image, masks, flips, ["x", "y"])
+    out_image, out_masks = apply_flips(image, masks, flips, ["width", "height"])
     expected = [image[0].flip(-1), image[1].flip(-2), image[2], image[3].flip(-1).flip(-2)]
     for i, want in enumerate(expected):
         assert torch.equal(out_image[i], want), i
     # every rater's mask went where its image went
     assert torch.equal(out_masks, torch.stack([(out_image[:, 0] % 7 > 2), (out_image[:, 0] % 5 > 1)], 1).to(torch.uint8))
     assert out_masks.dtype == torch.uint8
-    only_y, _ = apply_flips(image, masks, flips[:, :1], ["y"])  # the column belongs to the axis named
-    assert torch.equal(only_y[0], image[0].flip(-2)) and torch.equal(only_y[1], image[1])
+    only_height, _ = apply_flips(image, masks, flips[:, :1], ["height"])  # the column belongs to the axis named
+    assert torch.equal(only_height[0], image[0].flip(-2)) and torch.equal(only_height[1], image[1])
 
 
 def test_coins_are_fair_independent_per_axis_and_fixed_by_the_generator():
-    coins = draw_flips(["x", "y"], 4000, torch.Generator().manual_seed(3))
+    coins = draw_flips(["width", "height"], 4000, torch.Generator().manual_seed(3))
     assert coins.shape == (4000, 2) and coins.dtype == torch.bool
     assert abs(coins.float().mean().item() - 0.5) < 0.03
     assert 0.2 < (coins[:, 0] & coins[:, 1]).float().mean().item() < 0.3
-    assert torch.equal(coins, draw_flips(["x", "y"], 4000, torch.Generator().manual_seed(3)))
+    assert torch.equal(coins, draw_flips(["width", "height"], 4000, torch.Generator().manual_seed(3)))
 
 
 def test_an_axis_named_twice_or_unknown_is_refused():
-    for axes in (["x", "x"], ["z"]):
+    for axes in (["width", "width"], ["z"]):
         with pytest.raises(ValueError, match="flip_axes"):
             TrainingParams(flip_axes=axes)
     assert TrainingParams().flip_axes == []
@@ -54,10 +58,10 @@ def test_training_sees_flipped_and_unflipped_copies_of_its_cases_and_resumes_exa
         return losses(image, batch_masks, valid, generator)
 
     net.losses = spy
-    full = train(net, data, params(flip_axes=["x"]), tmp_path / "a" / "last.pt", "fp")
+    full = train(net, data, params(flip_axes=["width"]), tmp_path / "a" / "last.pt", "fp")
     assert seen["flipped"] >= 5 and seen["plain"] >= 5  # 24 examples, a coin each
-    train(fresh(), data, params(max_steps=3, flip_axes=["x"]), tmp_path / "b" / "last.pt", "fp")
-    resumed = train(fresh(), data, params(flip_axes=["x"]), tmp_path / "b" / "last.pt", "fp")
+    train(fresh(), data, params(max_steps=3, flip_axes=["width"]), tmp_path / "b" / "last.pt", "fp")
+    resumed = train(fresh(), data, params(flip_axes=["width"]), tmp_path / "b" / "last.pt", "fp")
     plain = train(fresh(), data, params(), tmp_path / "c" / "last.pt", "fp")
     for key, value in full.ema_state.items():
         assert torch.equal(value, resumed.ema_state[key]), key
@@ -66,5 +70,44 @@ def test_training_sees_flipped_and_unflipped_copies_of_its_cases_and_resumes_exa
 
 def test_flips_are_part_of_the_run_fingerprint(data):  # noqa: F811
     model, digest = {"variant": "cimd_aa"}, data_digest(data)
-    fingerprints = {run_fingerprint(model, params(flip_axes=axes), digest) for axes in ([], ["x"], ["y"], ["x", "y"])}
+    fingerprints = {run_fingerprint(model, params(flip_axes=axes), digest) for axes in ([], ["width"], ["height"], ["width", "height"])}
     assert len(fingerprints) == 4
+
+
+def test_the_old_axis_names_are_refused_with_their_translation():
+    with pytest.raises(ValueError, match=r"\['width', 'height'\] for the same flips.*anterior-posterior"):
+        TrainingParams(flip_axes=["x", "y"])
+    with pytest.raises(ValueError, match=r"\['height'\]"):
+        TrainingParams(flip_axes=["y"])
+
+
+def _side(mask: torch.Tensor) -> tuple[str, str]:
+    """Where a marker lies on an axial slice in RAS+ as docs/datasets.md states it: rows run from
+    the patient's left to right, columns from posterior to anterior."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    height, width = mask.shape
+    return (
+        "right" if rows.float().mean() > (height - 1) / 2 else "left",
+        "anterior" if cols.float().mean() > (width - 1) / 2 else "posterior",
+    )
+
+
+def test_on_an_axial_nifti_slice_height_flips_left_right_and_width_anterior_posterior(tmp_path):
+    """The per-reader table of docs/datasets.md, for the NIfTI readers at slice_axis 2: a marker
+    placed in the patient's right-anterior corner of a volume stored in LPS."""
+    lps = AFFINE.copy()
+    lps[0, 0] = lps[1, 1] = -1.0
+    assert nib.aff2axcodes(lps) == ("L", "P", "S")
+    marker = np.zeros(SHAPE, np.uint8)
+    marker[1:4, 1:4, :] = 1  # low i, low j of an LPS file: the patient's right and anterior
+    save(tmp_path / "c1" / "image.nii.gz", modality(0), lps)
+    save(tmp_path / "c1" / "annotation_1.nii.gz", marker, lps)
+    (case,) = read("qubiq", tmp_path)
+    axial = slice_volume(case, 2, 1.0, np.random.default_rng(0))[0]
+    image = torch.from_numpy(axial.image)[None]
+    masks = torch.from_numpy(axial.masks)[None]
+    assert _side(masks[0, 0]) == ("right", "anterior")
+    yes = torch.ones(1, 1, dtype=torch.bool)
+    flipped = {axis: apply_flips(image, masks, yes, [axis])[1][0, 0] for axis in ("width", "height")}
+    assert _side(flipped["height"]) == ("left", "anterior")
+    assert _side(flipped["width"]) == ("right", "posterior")

@@ -5,6 +5,10 @@ draws from 210 cases), so the denoiser can learn the training masks rather than 
 map. A flip of an image and all its masks is another example of the same rater distribution
 whenever the anatomy has no handedness along that axis, which the user states per axis
 (``training.flip_axes``); nothing is flipped by default.
+
+Axes are named by the array, ``width`` (mirror the columns) and ``height`` (mirror the rows),
+because that is the only name true for every reader: the same array axis is left-right on an
+LIDC crop and anterior-posterior on an axial NIfTI slice in RAS+ (docs/datasets.md, "Flips").
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-#: Tensor dimension of each spatial axis in (batch, channel, height, width) batches.
-AXIS_DIMS = {"x": -1, "y": -2}
+#: Tensor dimension of each array axis in (batch, channel, height, width) batches.
+AXIS_DIMS = {"width": -1, "height": -2}
 
 
 def draw_flips(axes: Sequence[str], batch_size: int, generator: torch.Generator) -> torch.Tensor:
