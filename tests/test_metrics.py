@@ -262,6 +262,19 @@ def test_ged_floor_is_nan_below_two_raters_in_a_batch():
     assert two["ged_floor"] == pytest.approx(ref_metrics(samples[1], raters[1, :2])["ged_floor"])
 
 
+def test_ged_of_the_first_k_samples_comes_from_the_same_matrices():
+    rng = np.random.default_rng(8)
+    samples = np.stack([random_masks(rng, 7) for _ in range(3)])
+    raters = np.stack([random_masks(rng, 3) for _ in range(3)])
+    valid = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0]], bool)
+    got = evaluate_batch(samples, raters, valid, ged_prefixes=(2, 5, 7, 9))
+    for case in range(3):
+        for k in (2, 5, 7):
+            want = ref_metrics(samples[case, :k], raters[case][valid[case]])["ged"]
+            assert got[case][f"ged{k}"] == pytest.approx(want, abs=1e-12), (case, k)
+        assert "ged9" not in got[case]  # more than the N drawn: not reported
+
+
 # --------------------------------------------------------------------------- HM-IoU replication
 
 
@@ -324,6 +337,21 @@ def test_batch_with_ragged_raters_matches_reference():
     assert len(got) == b
     for case in range(b):
         assert_metrics_close(got[case], ref_metrics(samples[case], raters[case][valid[case]]))
+
+
+def test_large_batches_of_mixed_sparsity_match_case_by_case():
+    # More cases than one Gram group, from empty to dense, in shuffled order: compaction to the
+    # used pixels and grouping by their count must give every case its own exact counts.
+    rng = np.random.default_rng(12)
+    density = rng.permutation(np.linspace(0, 0.9, 21))
+    samples = rng.random((21, 5, 7, 9)) < density[:, None, None, None]
+    raters = rng.random((21, 3, 7, 9)) < density[::-1, None, None, None]
+    samples[4, :, 2:5, 3:6] = True  # a dense block in an otherwise sparse case
+    got = evaluate_batch(samples.astype(np.uint8), raters, ged_prefixes=(2,))
+    for case in range(21):
+        want = ref_metrics(samples[case], raters[case])
+        assert_metrics_close({k: got[case][k] for k in METRIC_KEYS}, want, tol=1e-12)
+        assert got[case]["ged2"] == pytest.approx(ref_metrics(samples[case, :2], raters[case])["ged"], abs=1e-12)
 
 
 def test_padding_content_is_ignored_even_if_not_binary():

@@ -2,8 +2,9 @@
 
 Each test image has N predicted samples and R rater annotations (boolean masks). Every metric is
 a function of three pairwise similarity matrices (samples x raters, samples x samples,
-raters x raters), so the module builds one Gram matrix of the flattened masks per image -- for a
-whole batch in a single batched matmul -- and derives both IoU and Dice from it. Work stays on
+raters x raters), so the module builds one Gram matrix of the flattened masks per image -- on
+the pixels that some mask of the image sets, for groups of images in one batched matmul -- and
+derives both IoU and Dice from it. Work stays on
 the inputs' device; only the Hungarian matching of HM-IoU runs on CPU (scipy).
 
 Conventions, and why:
@@ -89,9 +90,13 @@ def _as_mask(t: torch.Tensor, name: str) -> torch.Tensor:
     """Boolean view of a mask; refuses e.g. probability maps that were never thresholded."""
     if t.dtype == torch.bool:
         return t
-    if not bool(((t == 0) | (t == 1)).all()):
+    if t.dtype == torch.uint8:  # the common case, and ten times cheaper to check: no negatives
+        binary = t.numel() == 0 or int(t.max()) <= 1
+    else:
+        binary = bool(((t == 0) | (t == 1)).all())
+    if not binary:
         raise ValueError(f"{name} must be binary (bool or values in {{0, 1}})")
-    return t != 0
+    return t.view(torch.bool) if t.dtype == torch.uint8 else t != 0
 
 
 def _check_shapes(s: torch.Tensor, y: torch.Tensor, lead: str) -> None:
@@ -184,15 +189,49 @@ def pairwise_dice(a: MaskLike, b: MaskLike) -> torch.Tensor:
     return _pairwise(a, b)[1]
 
 
-def _matrices(s: torch.Tensor, y: torch.Tensor) -> tuple[_Blocks, _Blocks, _Blocks]:
+#: Cases whose Gram matrices are computed in one bmm; they are grouped by how many pixels they
+#: use, so that little of each bmm is padding.
+GRAM_GROUP = 8
+
+
+def _union(masks: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise union over dim 1 of boolean masks [B, K, P] (amax of the uint8 view: an order
+    of magnitude faster on CPU than ``any``, which matters at 100 samples of 128 x 128)."""
+    return masks.view(torch.uint8).amax(1).view(torch.bool)
+
+
+def _gram(s: torch.Tensor, y: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Exact Gram matrix (float64 counts) of the stacked [samples; raters] masks of each case.
+
+    A pixel that no mask of a case sets (``used`` False) adds 0 to every count of that case, so
+    each case keeps only the pixels of its masks' union: ``topk`` of the flags puts them first,
+    and whatever follows them within the cut are pixels the case does not use (zeros), so the cut
+    is exact. Lesions cover a few per cent of an image, so this is where the speed comes from.
+    Cases are then grouped by their number of used pixels so each bmm cuts close to its widest
+    case. The product runs in float32, exact for counts below 2**24 (sums of 0/1 products), and
+    in float64 beyond.
+    """
+    counts = used.sum(1)
+    width = int(counts.max())
+    first = torch.topk(used.view(torch.uint8), width, dim=1).indices[:, None, :]
+    x = torch.cat([m.gather(2, first.expand(-1, m.shape[1], -1)) for m in (s, y)], dim=1)
+    dtype = torch.float32 if width < 2**24 else torch.float64
+    gram = torch.empty(len(x), x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for group in torch.argsort(counts).split(GRAM_GROUP):
+        f = x[group, :, : int(counts[group].max())].to(dtype)
+        gram[group] = torch.bmm(f, f.transpose(1, 2)).double()
+    return gram
+
+
+def _matrices(s: torch.Tensor, y: torch.Tensor, unions=None) -> tuple[_Blocks, _Blocks, _Blocks]:
     """IoU, Dice and pair-variance blocks for s[B,N,P], y[B,R,P] from ONE batched Gram matrix.
 
     Stacking samples and raters lets a single bmm produce all three intersection blocks, and the
     Gram diagonal is each mask's size, so no separate reductions are needed. The variance of
     A - B over the P pixels is |A xor B| / P - ((|A| - |B|) / P)^2, also a function of the Gram.
     """
-    x = torch.cat([s, y], dim=1).double()
-    gram = torch.bmm(x, x.transpose(1, 2))
+    union_s, union_y = (_union(s), _union(y)) if unions is None else unions
+    gram = _gram(s, y, union_s | union_y)
     size = gram.diagonal(dim1=1, dim2=2)
     n, pixels = s.shape[1], s.shape[2]
     iou, dice = _similarities(gram, size, size)
@@ -290,9 +329,9 @@ def _combine(s_c: torch.Tensor, d_max: torch.Tensor, d_a: torch.Tensor):
     return 3 * product / torch.where(total > 0, total, 1.0), 3 * product / torch.where(pair_sum > 0, pair_sum, 1.0)
 
 
-def _ci(s, y, valid, dice: _Blocks, variance: _Blocks, d_max: torch.Tensor) -> dict[str, torch.Tensor]:
+def _ci(unions, valid, dice: _Blocks, variance: _Blocks, d_max: torch.Tensor) -> dict[str, torch.Tensor]:
     """CI score in both readings of D_a, and its components (see the module docstring)."""
-    union_s, union_y = s.any(1), y.any(1)  # invalid raters were zeroed by _prepare_batch
+    union_s, union_y = unions  # invalid raters were zeroed by _prepare_batch
     covered = (union_s & union_y).sum(1).double()
     n_y = union_y.sum(1).double()
     # Nothing to find: full sensitivity only if the samples also found nothing.
@@ -313,14 +352,19 @@ def _ci(s, y, valid, dice: _Blocks, variance: _Blocks, d_max: torch.Tensor) -> d
     }
 
 
-def _evaluate(s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> list[dict[str, float]]:
-    iou, dice, variance = _matrices(s, y)
+def _evaluate(s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, prefixes=()) -> list[dict[str, float]]:
+    unions = _union(s), _union(y)
+    iou, dice, variance = _matrices(s, y, unions)
     d_max = _dice_max(dice.sy, valid)
     values = _ged(1 - iou.sy, 1 - iou.ss, 1 - iou.yy, valid) | {"dice_max": d_max}
-    values |= _ci(s, y, valid, dice, variance, d_max)
+    # GED of the first k samples: the top-left blocks of the same matrices.
+    extra = {f"ged{k}": _ged(1 - iou.sy[:, :k], 1 - iou.ss[:, :k, :k], 1 - iou.yy, valid)["ged"]
+             for k in prefixes if k <= s.shape[1]}
+    values |= extra
+    values |= _ci(unions, valid, dice, variance, d_max)
     columns = dict(zip(values, torch.stack(list(values.values())).cpu().tolist()))
     columns["hm_iou"] = _hm_iou(iou.sy, valid)
-    return [{k: columns[k][b] for k in METRIC_KEYS} for b in range(len(s))]
+    return [{k: columns[k][b] for k in (*METRIC_KEYS, *extra)} for b in range(len(s))]
 
 
 # --------------------------------------------------------------------------- public API
@@ -351,8 +395,9 @@ def ci_score(samples: MaskLike, raters: MaskLike) -> dict[str, float]:
     """CIMD's CI score in both readings of D_a (``ci``/``ci_hm``: 1 - Dice; ``ci_var``/``ci_hm_var``:
     pixel-wise variance) with the components ``s_c``, ``d_max``, ``d_a``, ``d_a_var``."""
     s, y, valid = _prepare_case(samples, raters)
-    _, dice, variance = _matrices(s, y)
-    parts = _ci(s, y, valid, dice, variance, _dice_max(dice.sy, valid))
+    unions = _union(s), _union(y)
+    _, dice, variance = _matrices(s, y, unions)
+    parts = _ci(unions, valid, dice, variance, _dice_max(dice.sy, valid))
     return {k: float(v[0]) for k, v in parts.items()}
 
 
@@ -362,7 +407,7 @@ def evaluate_case(samples: MaskLike, raters: MaskLike) -> dict[str, float]:
 
 
 def evaluate_batch(
-    samples: MaskLike, raters: MaskLike, rater_valid: MaskLike | None = None
+    samples: MaskLike, raters: MaskLike, rater_valid: MaskLike | None = None, ged_prefixes=()
 ) -> list[dict[str, float]]:
     """All metrics for a padded batch: samples[B,N,H,W], raters[B,R,H,W], rater_valid[B,R].
 
@@ -370,6 +415,7 @@ def evaluate_batch(
     feeds straight into ``pandas.DataFrame`` and keeps per-case bookkeeping trivial. Raters with
     ``rater_valid`` False are ignored entirely (their content need not even be binary); None
     means all raters are valid. Everything except the Hungarian matching runs batched on the
-    inputs' device.
+    inputs' device. For each k in ``ged_prefixes`` (at most N) the dict also holds ``ged<k>``,
+    the GED of the first k samples, from the same pairwise matrices (GED16 beside GED100).
     """
-    return _evaluate(*_prepare_batch(samples, raters, rater_valid))
+    return _evaluate(*_prepare_batch(samples, raters, rater_valid), prefixes=ged_prefixes)

@@ -59,15 +59,10 @@ def score_samples(
         raters = torch.as_tensor(np.asarray(data.masks[index]), device=device)
         valid = torch.as_tensor(np.asarray(data.rater_valid[index]), device=device)
         drawn = torch.as_tensor(samples.binary[start : start + chunk], device=device)
-        scores = evaluate_batch(drawn, raters, valid)
+        scores = evaluate_batch(drawn, raters, valid, PUBLISHED_N if n >= GED16_FROM else ())
         for score, m in zip(scores, valid.sum(1).tolist()):
             for k in PUBLISHED_N:
                 score[f"ged_floor_{k}"] = ged_floor(score["rater_distance"], k, m)
-        if n >= GED16_FROM:
-            for k in PUBLISHED_N:
-                first = scores if k == n else evaluate_batch(drawn[:, :k], raters, valid)
-                for score, part in zip(scores, first):
-                    score[f"ged{k}"] = part["ged"]
         if data.oracle is not None:
             oracle = torch.as_tensor(np.asarray(data.oracle[index])[:, :n], device=device)
             for score, truth in zip(scores, evaluate_batch(oracle, raters, valid)):
