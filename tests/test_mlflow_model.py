@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -17,7 +20,34 @@ def pyfunc(tmp_path_factory):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["cimd_pipeline"])
     assert len(runs) == 1  # the pyfunc is logged in the run that trained the model
-    return mlflow.pyfunc.load_model(f"runs:/{runs.iloc[0]['run_id']}/cimd_model")
+    (logged,) = mlflow.get_run(runs.iloc[0]["run_id"]).outputs.model_outputs
+    return mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+
+
+def _readme_python(section: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python\n", text.index(section)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_readme_loads_the_logged_model_by_its_model_uri_without_mlflow_warnings(
+    tmp_path_factory, monkeypatch
+):
+    """README's snippet pasted into Python at the project root: MLflow 3's model URI, no
+    deprecated runs:/ path, and none of MLflow's warnings about the predict method's type hints."""
+    project = trained_project(tmp_path_factory)
+    snippet = _readme_python("## MLflow model")
+    assert "runs:/" not in snippet
+    monkeypatch.chdir(project)
+    namespace: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["logged"].model_uri == f"models:/{namespace['logged'].model_id}"
+    assert namespace["out"]["samples"].shape == (2, 4, 64, 64)  # conf/test: N = 4
+    assert namespace["model"].metadata.signature is None  # logged with signature: false
+    hints = [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+    assert not hints, hints
 
 
 def test_pyfunc_round_trip(pyfunc):

@@ -18,6 +18,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_runs.ipy
 def test_compare_runs_notebook_executes(tmp_path_factory, monkeypatch):
     project = trained_project(tmp_path_factory)
     monkeypatch.delenv("CIMD_PROJECT_DIR", raising=False)  # the notebook must find the store from its cwd
+    # headless servers and containers export a non-interactive backend; the figures must still show
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}

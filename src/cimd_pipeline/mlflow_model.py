@@ -2,12 +2,24 @@
 
 The model file (``model.pt``) travels as an MLflow artefact and holds the weights, the network
 configuration and the training pre-processing; the sampler settings are the run's ``sampling``
-block. ``predict`` therefore needs nothing from the project's configuration, only the installed
-``cimd_pipeline`` package, and gives the same results as the ``inference`` pipeline.
+block, the settings its test metrics were measured with. ``predict`` therefore needs nothing from
+the project's configuration, only the installed ``cimd_pipeline`` package. It prepares images and
+keys their noise as the ``inference`` pipeline does, so both give the same samples for the same
+image *when the run's ``sampling`` block and the ``inference`` block agree* on ``num_samples``,
+``method``, ``steps``, ``eta`` and ``seed`` (conf/base: they do; ``--env lidc`` samples with 10
+DDPM steps and infers with 50 DDIM steps unless ``--params "inference.method=ddpm,inference.steps=10"``).
 
 Logged by the training pipeline's ``package_mlflow_model`` node through kedro-mlflow's
-``MlflowModelTrackingDataset`` (catalog entry ``mlflow_model``), in the same MLflow run as the
-training curves. Load it with ``mlflow.pyfunc.load_model(f"runs:/{run_id}/cimd_model")``.
+``MlflowModelTrackingDataset`` (catalog entry ``mlflow_model``) as the MLflow 3 logged model
+``cimd_model`` of the training run. Load it by its model URI, ``models:/<model_id>`` (MLflow 3
+deprecates ``runs:/<run_id>/...`` for logged models)::
+
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"name = 'cimd_model' AND source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    model = mlflow.pyfunc.load_model(logged.model_uri)
 """
 
 from __future__ import annotations
@@ -47,8 +59,14 @@ class CIMDPyfuncModel(mlflow.pyfunc.PythonModel):
         self.net = self.trained.build()
         self.device = select_device("auto")
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         """Samples and maps for a batch of images of any in-plane size.
+
+        The type hint is ``np.ndarray``, one of the hints MLflow 3 accepts without a list wrapper
+        (it then neither infers a signature nor converts the input, so variable image sizes and
+        the dict form below pass unchanged; the catalog logs the model with ``signature: false``).
 
         Args:
             model_input: float array (B, C, H, W) of raw intensities, or a dict holding it under
