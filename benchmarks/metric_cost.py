@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=64, help="distinct cases generated and cycled")
     parser.add_argument("--loop-cases", type=int, default=2, help="cases the per-pair loop is timed on")
     parser.add_argument("--previous-cases", type=int, default=64, help="cases the previous path is timed on")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the 2-core target)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see docs/metrics.md on 1 vs 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the summary")
     args = parser.parse_args()

@@ -143,7 +143,9 @@ def _prepare_batch(samples: MaskLike, raters: MaskLike, rater_valid: MaskLike | 
     if missing:
         raise ValueError(f"need at least one valid rater per case; cases {missing} have none")
     # Padding may hold anything; only the valid raters have to be binary masks.
-    y = _as_mask(y.masked_fill(~valid[:, :, None, None], 0), "raters")
+    if not bool(valid.all()):
+        y = y.masked_fill(~valid[:, :, None, None], 0)
+    y = _as_mask(y, "raters")
     return _as_mask(s, "samples").flatten(2), y.flatten(2), valid
 
 
@@ -213,7 +215,12 @@ def _gram(s: torch.Tensor, y: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """
     counts = used.sum(1)
     width = int(counts.max())
-    first = torch.topk(used.view(torch.uint8), width, dim=1).indices[:, None, :]
+    first = torch.topk(used.view(torch.uint8), width, dim=1).indices
+    # Used pixels first (the group cut below relies on it), each part in ascending pixel order
+    # so that the gather reads every mask front to back: sort by (unused, pixel).
+    pixels = used.shape[1]
+    key = first + pixels * (~used.gather(1, first)).long()
+    first = (key.sort(1).values % pixels)[:, None, :]
     x = torch.cat([m.gather(2, first.expand(-1, m.shape[1], -1)) for m in (s, y)], dim=1)
     dtype = torch.float32 if width < 2**24 else torch.float64
     gram = torch.empty(len(x), x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
