@@ -33,6 +33,7 @@ from torch.distributions import Independent, Normal
 from cimd_pipeline.config import ModelParams, SamplingParams
 from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models.ambiguity import kl_divergence
+from cimd_pipeline.models.batch_norm import GlobalBatchNorm2d
 from cimd_pipeline.models.prob_unet import chosen_rater, gaussian_draw, soft_mask
 
 __all__ = ["LatentHierarchy", "Likelihood", "PHiSeg", "level_kl"]
@@ -42,12 +43,16 @@ _MIN_SCALE = 1e-5
 
 
 def conv_bn(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequential:
-    """``num_convs`` times 3x3 convolution, batch normalisation, ReLU."""
+    """``num_convs`` times 3x3 convolution, batch normalisation, ReLU.
+
+    The batch norm normalises over the global batch when several processes train
+    (`cimd_pipeline.models.batch_norm`), so data-parallel training follows the one-process run.
+    """
     layers: list[nn.Module] = []
     for i in range(num_convs):
         layers += [
             nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            GlobalBatchNorm2d(out_channels),
             nn.ReLU(),
         ]
     return nn.Sequential(*layers)
