@@ -42,7 +42,9 @@ log = logging.getLogger("mutation")
 # module -> (files mutated, relative to src/cimd_pipeline; the fast unit tests that pin them, as
 # pytest arguments: "--deselect" drops a Kedro subprocess test from a file of unit tests)
 MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "metrics": (("metrics.py",), ("tests/test_metrics.py", "tests/test_metrics_inputs.py")),
+    "metrics": (("metrics.py",), ("tests/test_metrics.py", "tests/test_metrics_inputs.py",
+                                  "tests/test_metrics_agreement.py", "tests/test_ged_floor.py")),
+    "scoring": (("scoring.py", "uncertainty.py"), ("tests/test_scoring.py", "tests/test_uncertainty.py")),
     "ensembles": (
         ("ensembles.py", "sample_rows.py", "diffusion/noise.py"),  # the per-image noise streams are pinned by the ensemble tests
         # the two-process test spawns workers per mutant (minutes each under mutmut's forks); a

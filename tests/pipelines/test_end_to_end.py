@@ -44,6 +44,11 @@ def test_stage_by_stage_then_whole_chain(kedro_project):
     last = runs.iloc[-1]
     assert last["params.model.variant"] == "cimd_aa" and last["params.training.max_steps"] == "12"
     assert last["metrics.test.ged"] == pytest.approx(metrics["ged"])
+    # The perfect-sampler floor and the bootstrap interval sit beside GED everywhere.
+    assert metrics["ged_low95"] <= metrics["ged"] <= metrics["ged_high95"]
+    assert per_case["ged_floor"].mean() == pytest.approx(metrics["ged_floor"])
+    for key in ("ged_floor", "ged_floor_16", "ged_floor_100", "ged_low95", "ged_high95"):
+        assert last[f"metrics.test.{key}"] == pytest.approx(metrics[key]), key
     assert last["metrics.train.loss"] > 0
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(last["run_id"], "train.loss")) == 4  # logged every 3 of 12 steps
