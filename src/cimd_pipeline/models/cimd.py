@@ -173,15 +173,21 @@ class CIMD(nn.Module):
     def _training_condition(
         self, x_t: Tensor, image: Tensor, t: Tensor, generator: torch.Generator | None, z: Tensor | None
     ) -> Tensor | None:
-        """Self-conditioning input: zeros, or (half the steps) a first pass's detached x̂_0."""
+        """Self-conditioning input: zeros, or (half the steps) a first pass's detached x̂_0.
+
+        The coin (one per step, from the training generator) stays on the device like every other
+        draw of the step: reading it on the host to skip the first pass would stall a GPU's queue
+        once per step. The first pass is therefore run every step and the coin selects; the
+        values are those of a skipped pass (zeros) or of the pass itself, exactly.
+        """
         if not self.params.self_condition:
             return None
-        condition = torch.zeros_like(x_t)
-        if torch.rand((1,), generator=generator, device=x_t.device).item() < 0.5:
-            with torch.no_grad():
-                first = self.model_output(x_t, image, t, condition, None if z is None else z.detach())
-                condition = self.x0_estimate(first, x_t, t)
-        return condition
+        zeros = torch.zeros_like(x_t)
+        heads = torch.rand((1,), generator=generator, device=x_t.device) < 0.5
+        with torch.no_grad():
+            first = self.model_output(x_t, image, t, zeros, None if z is None else z.detach())
+            estimate = self.x0_estimate(first, x_t, t)
+        return torch.where(heads.view(1, 1, 1, 1), estimate, zeros)
 
     def sampler_diffusion(self, steps: int) -> GaussianDiffusion:
         """The schedule respaced to ``steps`` (Improved-DDPM respacing; the full one for T steps)."""
