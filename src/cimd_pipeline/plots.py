@@ -5,6 +5,7 @@ Functions return matplotlib figures and never save them; the catalog decides whe
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -15,6 +16,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+#: characters of a 7-point title that fit over one panel (1.25-1.4 inches wide)
+LABEL_WIDTH = 18
+
+
+def case_label(label: str, width: int = LABEL_WIDTH) -> str:
+    """``label`` wrapped into lines of at most ``width`` characters, broken after ``/`` where it can.
+
+    A title is centred over its panel: a case id such as ``LIDC-IDRI-0002/nodule-0/slice-0`` is
+    wider than the panel and, over the first column, ran off the figure's left edge.
+    """
+    lines: list[str] = []
+    for part in label.replace("/", "/\n").split("\n"):
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        else:
+            lines.extend(textwrap.wrap(part, width, break_long_words=True, break_on_hyphens=False) or [part])
+    return "\n".join(lines)
 
 
 def _show(ax, array: np.ndarray, title: str = "", cmap: str = "gray", **kwargs) -> None:
@@ -34,7 +53,7 @@ def rater_grid(
     raters = max(len(v) for v in rater_valid)
     fig, axes = plt.subplots(len(images), raters + 1, figsize=(1.4 * (raters + 1), 1.5 * len(images)), squeeze=False)
     for row, (image, mask, valid, label) in enumerate(zip(images, masks, rater_valid, labels)):
-        _show(axes[row, 0], image[0], label)
+        _show(axes[row, 0], image[0], case_label(label))
         for r in range(raters):
             if r < len(valid) and valid[r]:
                 _show(axes[row, r + 1], mask[r], f"rater {r + 1}", vmin=0, vmax=1)
@@ -71,7 +90,7 @@ def sample_grids(cases: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]
         ax.axis("off")
     top = 0
     for (image, raters, samples, title), rows in zip(cases, blocks):
-        _show(axes[top, 0], image[0], title)
+        _show(axes[top, 0], image[0], case_label(title))
         for r, mask in enumerate(raters):
             _show(axes[top, r + 1], mask, f"rater {r + 1}", vmin=0, vmax=1)
         binary = samples.astype(np.float32)
