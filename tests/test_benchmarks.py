@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -122,3 +123,14 @@ def test_method_comparison_runs_the_kedro_chain_without_kedro(project, tmp_path)
     direct = table.iloc[0]
     for metric in ("ged", "hm_iou", "dice_max", "ci", "ged_oracle"):
         assert direct[metric] == pytest.approx(kedro[metric], rel=1e-6), metric
+
+
+def test_lidc_scale_measures_both_data_stages_on_a_written_tree(tmp_path: Path):
+    out = run_script(PROJECT, "lidc_scale.py", "--sizes", "30", "--work", str(tmp_path))
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 30 |")]
+    assert [r[1].strip() for r in rows] == ["data_ingestion", "mask_alignment"], out
+    for row in rows:
+        wall, rss = float(row[2]), float(row[3])
+        assert 0 < wall < 600 and 0.05 < rss < 1.5, row
+    aligned = np.load(tmp_path / "run_30/project/data/03_primary/aligned/masks.npy", mmap_mode="r")
+    assert aligned.shape == (30, 4, 128, 128)

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cimd_pipeline.config import validate_parameters
+from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.mlflow_runs import KILLED, close_dead_runs, owner_tags
 from cimd_pipeline.run_labels import (
@@ -139,6 +140,8 @@ class MlflowRunLabelHook:
     def _log_aligned(self, dataset_name: str, data: Any) -> None:
         run = mlflow.active_run()
         if dataset_name != ALIGNED_DATASET or run is None or run.info.run_id in self._logged:
+            return
+        if not isinstance(data, AlignedSet):  # the stream alignment writes: logged when loaded
             return
         dataset = AlignedDatasetInput(data, self._aligned_path, f"{dataset_label(self._params, self._env)} aligned")
         try:

@@ -21,7 +21,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cimd_pipeline.data.aligned import SPLITS, AlignedSet
+from cimd_pipeline.data.aligned import SPLITS, AlignedSet, row_blocks
 
 #: Experiment tag read by MLflow's UI to choose between its GenAI and model-training views; the
 #: value is the one the UI itself writes when "Model training" is picked for an experiment.
@@ -85,9 +85,9 @@ def _digest(data: AlignedSet) -> str:
         array = getattr(data, name)
         if array is None:
             continue
-        array = np.ascontiguousarray(array)
         sha.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        sha.update(memoryview(array).cast("B"))
+        for block in row_blocks(array):  # a memory-mapped set is read, never resident, as a whole
+            sha.update(memoryview(np.ascontiguousarray(block)).cast("B"))
     sha.update(data.cases.to_csv(index=False).encode())
     return sha.hexdigest()[:10]
 

@@ -75,7 +75,7 @@ def test_split_setting_is_validated():
 
 def align(root, **reader) -> pd.DataFrame:
     cases = list(get_reader("folders")(root, {**ENV, **reader}, 0))
-    return align_dataset(cases, {"image_size": 16}).cases
+    return align_dataset(cases, {"image_size": 16}).collect().cases
 
 
 def test_cimd_authors_training_testing_folders_are_kept(tmp_path):

@@ -82,3 +82,25 @@ def test_sample_set_round_trip(tmp_path):
     np.testing.assert_array_equal(back.binary, samples.binary)
     np.testing.assert_array_equal(back.soft, samples.soft)
     assert list(back.case_ids) == ["a", "b", "c"] and back.info == json.loads(json.dumps(samples.info))
+
+
+def test_case_folder_stores_8_bit_scans_compactly_and_reads_back_float32(tmp_path):
+    """A PNG scan (integers 0..255) is stored as uint8 and read back exactly; other images as they are."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((2, 6, 6), np.uint8)
+    images = {
+        "png": rng.integers(0, 256, (1, 6, 6)).astype(np.float32),
+        "soft": rng.random((1, 6, 6)).astype(np.float32),
+        "wide": rng.integers(0, 4096, (1, 6, 6)).astype(np.float32),
+        "negative": -rng.integers(0, 200, (1, 6, 6)).astype(np.float32),
+    }
+    cases = [Case(k, k, image, masks, np.ones(2, bool)) for k, image in images.items()]
+    ds = CaseFolderDataset(str(tmp_path / "cases"))
+    ds.save(iter(cases))
+    for case in ds.load():
+        assert case.image.dtype == np.float32
+        np.testing.assert_array_equal(case.image, images[case.case_id])
+    with np.load(tmp_path / "cases/000000.npz") as stored:
+        assert stored["image"].dtype == np.uint8
+    with np.load(tmp_path / "cases/000001.npz") as stored:
+        assert stored["image"].dtype == np.float32

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cimd_pipeline.data.aligned import AlignedSet
+from cimd_pipeline.data.aligned import BLOCK_ROWS, AlignedSet, row_blocks
 from cimd_pipeline.metrics import pairwise_iou
 
 
@@ -29,12 +29,12 @@ def case_agreement(masks: np.ndarray, valid: np.ndarray) -> dict[str, float | in
 
 
 def agreement_table(data: AlignedSet) -> pd.DataFrame:
-    """One row per case: ids, split, and `case_agreement`."""
-    rows = [
-        {"case_id": cid, "split": split, **case_agreement(data.masks[i], data.rater_valid[i])}
-        for i, (cid, split) in enumerate(zip(data.cases["case_id"], data.cases["split"]))
-    ]
-    return pd.DataFrame(rows)
+    """One row per case: ids, split, and `case_agreement` (masks read block by block, so a
+    memory-mapped set is never resident as a whole)."""
+    blocks = zip(range(0, len(data), BLOCK_ROWS), row_blocks(data.masks, BLOCK_ROWS))
+    stats = [case_agreement(masks, data.rater_valid[start + i]) for start, block in blocks for i, masks in enumerate(block)]
+    ids = zip(data.cases["case_id"], data.cases["split"])
+    return pd.DataFrame([{"case_id": cid, "split": split, **row} for (cid, split), row in zip(ids, stats)])
 
 
 def agreement_summary(table: pd.DataFrame) -> dict[str, float]:

@@ -3,16 +3,43 @@
 Arrays are stacked over cases so that training can index them directly (and memory-map them:
 15,000 LIDC slices at 128x128 load without a copy per epoch). Missing raters are padded with
 empty masks and flagged in ``rater_valid``; datasets with fewer raters than ``R`` stay honest.
+The pipeline stores the rows of each split together (`aligned_files`), so a split of a
+memory-mapped set is a view of the files, not a copy in RAM.
 """
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "val", "test")
+BLOCK_ROWS = 512
+
+
+def row_blocks(array: np.ndarray, rows: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """Consecutive blocks of ``rows`` rows of ``array``, each an in-memory copy.
+
+    For a memory-mapped array the pages of each block are handed back to the kernel once the
+    block is copied: a mapping keeps every page it touched resident (and counted in the process's
+    RSS), so a scan over a set larger than RAM would otherwise hold all of it.
+    """
+    handle = getattr(array, "_mmap", None)  # numpy's mapping of the file (np.memmap)
+    for start in range(0, len(array), rows):
+        block = np.array(array[start : start + rows])
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)
+        yield block
+
+
+def _as_slice(index: np.ndarray) -> slice | None:
+    """The slice equal to a sorted run of consecutive positions, else None."""
+    if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return None
 
 
 @dataclass
@@ -53,20 +80,25 @@ class AlignedSet:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
-    def subset(self, split: str) -> "AlignedSet":
-        """The cases of one split (a copy of only those rows)."""
+    def subset(self, split: str) -> AlignedSet:
+        """The cases of one split: views of the arrays where its rows are consecutive (as the
+        pipeline stores them), else a copy of only those rows."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return self.take(np.flatnonzero(self.cases["split"].to_numpy() == split))
 
-    def take(self, index: np.ndarray | int) -> "AlignedSet":
-        """The cases at positions ``index`` (or the first ``index`` cases), copied."""
+    def take(self, index: np.ndarray | int) -> AlignedSet:
+        """The cases at positions ``index`` (or the first ``index`` cases): views of the arrays
+        (memory-mapped ones stay on disk) for consecutive positions, else copies."""
         if isinstance(index, int):
             index = np.arange(min(index, len(self)))
+        index = np.asarray(index)
+        rows = _as_slice(index) if index.dtype.kind in "iu" else None
+        pick = rows if rows is not None else index
         return AlignedSet(
-            images=np.asarray(self.images[index]),
-            masks=np.asarray(self.masks[index]),
-            rater_valid=np.asarray(self.rater_valid[index]),
-            cases=self.cases.iloc[index].reset_index(drop=True),
-            oracle=None if self.oracle is None else np.asarray(self.oracle[index]),
+            images=self.images[pick],
+            masks=self.masks[pick],
+            rater_valid=np.array(self.rater_valid[pick]),  # small; callers may edit it
+            cases=self.cases.iloc[pick].reset_index(drop=True),
+            oracle=None if self.oracle is None else self.oracle[pick],
         )

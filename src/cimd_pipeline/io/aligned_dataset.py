@@ -1,22 +1,23 @@
-"""Kedro dataset for `AlignedSet`: ``.npy`` arrays (memory-mapped on load) plus ``cases.csv``."""
+"""Kedro dataset for `AlignedSet`: ``.npy`` arrays (memory-mapped on load) plus ``cases.csv``.
+
+Saving takes the `AlignedStream` that `mask_alignment` returns (written case by case, rows
+grouped by split: `data.aligned_files`) or an in-memory `AlignedSet`; the folder is swapped in
+only when everything was written, so a failure keeps the previous dataset.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 from kedro.io import AbstractDataset
 
 from cimd_pipeline.data.aligned import AlignedSet
-from cimd_pipeline.errors import DataError
+from cimd_pipeline.data.aligned_files import AlignedStream, read_aligned, write_set, write_stream
 from cimd_pipeline.io.atomic import atomic_write_dir
 
-ARRAYS = ("images", "masks", "rater_valid", "oracle")
 
-
-class AlignedDataset(AbstractDataset[AlignedSet, AlignedSet]):
+class AlignedDataset(AbstractDataset[AlignedSet | AlignedStream, AlignedSet]):
     """Stores an `AlignedSet` in a folder; arrays are memory-mapped read-only on load."""
 
     def __init__(self, path: str, mmap: bool = True, metadata: dict[str, Any] | None = None) -> None:
@@ -25,26 +26,13 @@ class AlignedDataset(AbstractDataset[AlignedSet, AlignedSet]):
         self.metadata = metadata
 
     def _load(self) -> AlignedSet:
-        if not (self._path / "cases.csv").exists():
-            raise DataError(self._path, "no aligned dataset here: run the mask_alignment pipeline first")
-        mode = "r" if self._mmap else None
-        arrays = {
-            name: np.load(self._path / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
-            for name in ARRAYS
-            if (self._path / f"{name}.npy").exists()
-        }
-        cases = pd.read_csv(self._path / "cases.csv", dtype={"case_id": str, "group_id": str})
-        return AlignedSet(cases=cases, **arrays)
+        return read_aligned(self._path, self._mmap)
 
-    def _save(self, data: AlignedSet) -> None:
-        def write(tmp: Path) -> None:
-            for name in ARRAYS:
-                array = getattr(data, name)
-                if array is not None:
-                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-            data.cases.to_csv(tmp / "cases.csv", index=False)
-
-        atomic_write_dir(self._path, write)
+    def _save(self, data: AlignedSet | AlignedStream) -> None:
+        if isinstance(data, AlignedStream):
+            atomic_write_dir(self._path, lambda tmp: write_stream(tmp, data))
+        else:
+            atomic_write_dir(self._path, lambda tmp: write_set(tmp, data))
 
     def _exists(self) -> bool:
         return (self._path / "cases.csv").exists()

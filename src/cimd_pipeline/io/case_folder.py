@@ -19,6 +19,7 @@ from kedro.io import AbstractDataset
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.errors import DataError
 from cimd_pipeline.io.atomic import atomic_write_dir
+from cimd_pipeline.threads import ordered_map
 
 MANIFEST = "cases.csv"
 
@@ -38,17 +39,32 @@ class CaseCollection(Sequence[Case]):
         return read_case(self.root / row["file"])
 
     def __iter__(self) -> Iterator[Case]:
-        for index in range(len(self)):
-            yield self[index]
+        # read (decompressed) on a few threads, in order; not row by row through pandas (~1 ms a case)
+        yield from ordered_map(lambda name: read_case(self.root / name), self.manifest["file"].tolist())
+
+
+def _compact(image: np.ndarray) -> np.ndarray:
+    """An 8-bit scan (PNG/JPEG) as uint8: lossless, and a quarter of the float32 bytes to
+    compress (float32 crops took ~80 % of LIDC ingestion time in zlib)."""
+    if image.dtype.kind == "f" and image.size and image.min() >= 0 and image.max() <= 255:
+        small = image.astype(np.uint8)
+        if np.array_equal(small, image):
+            return small
+    return image
 
 
 def write_case(case: Case, path: Path) -> None:
     """Write one case; ``meta`` goes in as JSON so no pickled object is ever stored."""
-    arrays = {"image": case.image, "masks": case.masks, "rater_valid": case.rater_valid}
+    arrays = {"image": _compact(case.image), "masks": case.masks, "rater_valid": case.rater_valid}
     if case.oracle is not None:
         arrays["oracle"] = case.oracle
     ids = json.dumps({"case_id": case.case_id, "group_id": case.group_id, "meta": case.meta})
-    np.savez_compressed(path, ids=np.array(ids), **arrays)
+    # np.savez_compressed's format (np.load reads it), at zlib level 1: the default level 6 spent
+    # three times the CPU for files ~10 % smaller
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, array in {"ids": np.array(ids), **arrays}.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
 def read_case(path: Path) -> Case:
@@ -60,7 +76,7 @@ def read_case(path: Path) -> Case:
             return Case(
                 case_id=ids["case_id"],
                 group_id=ids["group_id"],
-                image=data["image"],
+                image=data["image"].astype(np.float32, copy=False),
                 masks=data["masks"],
                 rater_valid=data["rater_valid"],
                 oracle=oracle,
@@ -90,13 +106,21 @@ class CaseFolderDataset(AbstractDataset[Iterable[Case], CaseCollection]):
     def _save(self, cases: Iterable[Case]) -> None:
         def write(tmp: Path) -> None:
             rows, seen = [], set()
-            for number, case in enumerate(cases):
-                case.validate()
+
+            def checked(numbered: tuple[int, Case]) -> tuple[int, Case]:
+                case = numbered[1].validate()
                 if case.case_id in seen:
                     raise DataError(case.meta.get("source", case.case_id), f"duplicate case_id {case.case_id!r}")
                 seen.add(case.case_id)
+                return numbered
+
+            def save(numbered: tuple[int, Case]) -> tuple[int, Case]:
+                write_case(numbered[1], tmp / f"{numbered[0]:06d}.npz")
+                return numbered
+
+            # compressed on a few threads while the reader decodes the next cases
+            for number, case in ordered_map(save, map(checked, enumerate(cases))):
                 name = f"{number:06d}.npz"
-                write_case(case, tmp / name)
                 rows.append(
                     {
                         "case_id": case.case_id,

@@ -24,6 +24,7 @@ from PIL import Image
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.readers.common import natural_key
 from cimd_pipeline.errors import DataError
+from cimd_pipeline.threads import ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -112,4 +113,4 @@ def read_slice_tree(root: Path) -> Iterator[Case]:
     raters = sorted({r for *_, masks in files for r in masks}, key=lambda r: natural_key(Path(r)))
     patients = len({patient for _, patient, *_ in files})
     logger.info("%s: LIDC slice tree, %d slices of %d patients, readers %s", root, len(files), patients, raters)
-    return (read_slice(*entry, raters) for entry in files)
+    return ordered_map(lambda entry: read_slice(*entry, raters), files)  # decoded on a few threads

@@ -11,13 +11,18 @@ from matplotlib.figure import Figure
 from cimd_pipeline.config import AlignmentParams
 from cimd_pipeline.data.agreement import agreement_summary, agreement_table
 from cimd_pipeline.data.aligned import AlignedSet
-from cimd_pipeline.data.alignment import align_cases, stack_cases
+from cimd_pipeline.data.aligned_files import AlignedStream
+from cimd_pipeline.data.alignment import align_cases
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.plots import agreement_histogram
 
 
-def align_dataset(cases: Iterable[Case], alignment: dict[str, Any]) -> AlignedSet:
-    """Slice, binarise, resize, normalise and split every ingested case."""
+def align_dataset(cases: Iterable[Case], alignment: dict[str, Any]) -> AlignedStream:
+    """Slice, binarise, resize, normalise and split every ingested case.
+
+    Returns the cases as a stream that the catalog writes one at a time (``.collect()`` stacks
+    them in memory instead), so alignment needs memory for one case, not for the dataset.
+    """
     p = AlignmentParams.model_validate(alignment)
     aligned = align_cases(
         cases,
@@ -30,7 +35,7 @@ def align_dataset(cases: Iterable[Case], alignment: dict[str, Any]) -> AlignedSe
         seed=p.seed,
     )
     split = p.split if isinstance(p.split, str) else p.split.model_dump()
-    return stack_cases(aligned, split, p.seed)
+    return AlignedStream(aligned, split, p.seed)
 
 
 def report_agreement(data: AlignedSet) -> tuple[pd.DataFrame, dict[str, dict[str, float]], Figure]:
