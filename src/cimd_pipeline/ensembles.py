@@ -21,7 +21,8 @@ from torch import nn
 
 from cimd_pipeline.config import SamplingParams
 from cimd_pipeline.sample_rows import draw_batches, row_batches
-from cimd_pipeline.sharded_sampling import draw_sharded
+from cimd_pipeline.processes import Workers
+from cimd_pipeline.sharded_sampling import draw_ranks, draw_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,22 @@ def draw_ensembles(
     params: SamplingParams,
     device: torch.device,
     source: str | None = None,
-) -> SampleSet:
+    workers: Workers | None = None,
+) -> SampleSet | None:
     """Draw ``params.num_samples`` masks for each image (B, C, H, W) with ``net.sample``.
 
     ``net`` keeps `models.contract.Segmenter`. ``case_ids`` key each image's noise streams, so
-    the same id, image and seed give the same samples whatever else is drawn with them. With
-    ``params.num_processes > 1`` the batches are shared out among worker processes
-    (`cimd_pipeline.sharded_sampling`) with bit-identical results.
+    the same id, image and seed give the same samples whatever else is drawn with them. The
+    batches are shared out (`cimd_pipeline.sharded_sampling`), with bit-identical results, among
+    the ranks of a torchrun job when ``workers`` (`cimd_pipeline.processes.torchrun_workers`)
+    has more than one, else among ``params.num_processes`` spawned workers.
 
     Args:
         source: names the model in errors (default: its class).
+        workers: this process's torchrun rank; all ranks must call with the same arguments.
+
+    Returns:
+        The samples; None on torchrun ranks other than 0 (rank 0 holds every sample).
     """
     source = source or type(net).__name__
     n = params.num_samples
@@ -68,7 +75,13 @@ def draw_ensembles(
     keys = np.asarray(case_ids, dtype=str)
     batches = row_batches(total, params.batch_size)
     started = time.perf_counter()
-    if params.num_processes > 1 and len(batches) > 1:
+    processes = params.num_processes
+    if workers is not None and workers.size > 1:
+        processes = workers.size
+        soft = draw_ranks(net, images, keys, params, device, batches, source, workers)
+        if soft is None:
+            return None
+    elif processes > 1 and len(batches) > 1:
         soft = draw_sharded(net, images, keys, params, device, batches, source)
     else:
         soft = draw_batches(net, images, keys, params, device, batches, source, progress=params.progress)
@@ -86,6 +99,6 @@ def draw_ensembles(
             "masks_per_second": total / max(seconds, 1e-9),
             "seed": params.seed,
             "device": str(device),
-            "num_processes": params.num_processes,
+            "num_processes": processes,
         },
     )

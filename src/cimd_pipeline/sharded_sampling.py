@@ -1,4 +1,5 @@
-"""Sampling shared out among worker processes (``sampling.num_processes``), one per GPU if any.
+"""Sampling shared out among processes: spawned workers (``sampling.num_processes``), one per
+GPU if any, or the ranks of a ``torchrun`` job across machines.
 
 Sampling 16-100 masks for every image of a large test set is embarrassingly parallel, but a
 single process leaves GPUs idle, and on one GPU a single process is launch-bound. The flat rows
@@ -7,7 +8,9 @@ dealt out in contiguous blocks, so every batch is computed exactly as it would b
 and, because every row draws from its own (seed, image key, member) noise stream, the merged
 samples are bit-identical whatever the process count. Workers are started with
 ``torch.multiprocessing``'s spawn method (safe with CUDA and with threads); on a machine with
-GPUs worker p uses GPU p modulo their number, otherwise the CPU.
+GPUs worker p uses GPU p modulo their number, otherwise the CPU. Under torchrun every rank draws
+its block on GPU ``LOCAL_RANK`` (or the CPU) and rank 0 gathers the blocks over a gloo group (the
+samples travel as host arrays, whatever the devices).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.processes import Workers, join_torchrun, release_torchrun
 from cimd_pipeline.sample_rows import draw_batches
 
 logger = logging.getLogger(__name__)
@@ -100,3 +105,36 @@ def draw_sharded(
     finally:
         pool.join()
     return np.concatenate(parts)
+
+
+def draw_ranks(
+    net: nn.Module,
+    images: np.ndarray,
+    keys: np.ndarray,
+    params: SamplingParams,
+    device: torch.device,
+    batches: Sequence[range],
+    source: str,
+    workers: Workers,
+) -> np.ndarray | None:
+    """Soft masks float16 (rows, H, W) of all ``batches`` on rank 0, None on the other ranks.
+
+    This process is rank ``workers.rank`` of a torchrun job: it joins the job's process group,
+    draws its contiguous block of batches on its own device, and sends the block to rank 0, which
+    concatenates the blocks in rank order; then every rank leaves the group.
+    """
+    join_torchrun("gloo")
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    blocks = shard_batches(batches, workers.size)
+    mine = blocks[workers.rank] if workers.rank < len(blocks) else []
+    logger.info(
+        "torchrun rank %d of %d: sampling %d of %d batches", workers.rank, workers.size, len(mine), len(batches)
+    )
+    part = draw_batches(
+        net, images, keys, params, worker_device(device, workers.local_rank), mine, source,
+        progress=params.progress and workers.rank == 0,
+    )
+    parts: list[np.ndarray] | None = [None] * workers.size if workers.rank == 0 else None
+    dist.gather_object(part, parts, dst=0, group=group)
+    release_torchrun()
+    return np.concatenate(parts) if parts is not None else None

@@ -25,7 +25,8 @@ from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.io.torch_files import load_checkpoint
 from cimd_pipeline.models.trained import build_model
-from cimd_pipeline.training.distributed import spawn_training, torchrun_workers
+from cimd_pipeline.processes import torchrun_workers
+from cimd_pipeline.training.distributed import spawn_training
 from cimd_pipeline.training.loop import Workers, train
 from tests.models.test_cimd import TINY_UNET
 from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)

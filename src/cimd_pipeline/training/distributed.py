@@ -8,7 +8,7 @@
   (NCCL on CUDA, one GPU each; gloo on the CPU) and waits for them;
 - otherwise it trains in this process.
 
-Every rank draws the same global batch and trains on its share (`loop.Workers`); rank 0 alone
+Every rank draws the same global batch and trains on its share (`processes.Workers`); rank 0 alone
 writes checkpoints. Since the checkpoint does not depend on the process count, a run continues
 with another one.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -31,19 +30,12 @@ from torch import nn
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
-from cimd_pipeline.training.loop import TrainResult, Workers, select_device, train
+from cimd_pipeline.processes import Workers, join_torchrun, release_torchrun, torchrun_workers
+from cimd_pipeline.training.loop import TrainResult, select_device, train
 
 logger = logging.getLogger(__name__)
 
 ARRAYS = ("images", "masks", "rater_valid")
-
-
-def torchrun_workers() -> Workers | None:
-    """This process's rank when ``torchrun`` started it with more than one process, else None."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1 or "RANK" not in os.environ:
-        return None
-    return Workers(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def backend_for(params: TrainingParams) -> str:
@@ -60,10 +52,11 @@ def train_data_parallel(
     """
     workers = torchrun_workers()
     if workers is not None:
-        if not dist.is_initialized():
-            dist.init_process_group(backend_for(params), init_method="env://")
+        join_torchrun(backend_for(params))
         logger.info("torchrun rank %d of %d (local rank %d)", workers.rank, workers.size, workers.local_rank)
-        return train(model, data, params, checkpoint_path, fingerprint, workers), workers
+        result = train(model, data, params, checkpoint_path, fingerprint, workers)
+        release_torchrun()  # the other ranks leave now: what follows in this run is rank 0's alone
+        return result, workers
     if params.num_processes == 1:
         return train(model, data, params, checkpoint_path, fingerprint), Workers()
     return spawn_training(model, data, params, checkpoint_path, fingerprint), Workers()

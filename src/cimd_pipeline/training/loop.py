@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models import draws
+from cimd_pipeline.processes import Workers
 from cimd_pipeline.training.augment import apply_flips, draw_flips
 from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.checkpoint import check_resumable, run_settings
@@ -102,28 +103,6 @@ class TrainResult:
     seconds: float
     device: str
     resumed_from: int
-
-
-@dataclass(frozen=True)
-class Workers:
-    """This process's place in data-parallel training; rank 0 of 1 without torch.distributed.
-
-    Every rank draws the same global batch of ``batch_size`` indices and trains on its contiguous
-    share of ``batch_size / size`` examples; gradients are averaged over the ranks, so the run
-    follows the one-process trajectory. Rank 0 alone writes checkpoints.
-    """
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    def share(self, batch_size: int) -> tuple[int, int]:
-        if batch_size % self.size:
-            raise ValueError(
-                f"training.batch_size={batch_size} is not divisible by the {self.size} training processes"
-            )
-        per_rank = batch_size // self.size
-        return self.rank * per_rank, (self.rank + 1) * per_rank
 
 
 class _Losses(nn.Module):
