@@ -141,3 +141,15 @@ def test_empty_rater_cases_are_scored_per_case_in_a_batch():
     raters = np.zeros((2, 2, 3, 3), bool)
     s_c = [case["s_c"] for case in evaluate_batch(samples, raters)]
     assert s_c == [1.0, 0.0]
+
+
+def test_uint8_masks_saved_as_0_255_are_refused_not_read_as_binary():
+    # PNG masks are often 0/255; uint8 has its own fast check, which must still refuse them.
+    masks = np.zeros((2, 4, 4), np.uint8)
+    masks[0, 1, 1] = 255
+    with pytest.raises(ValueError, match="samples must be binary"):
+        evaluate_case(masks, masks[:1] // 255)
+    twos = masks // 255 * 2  # a 2 is as wrong as 255
+    with pytest.raises(ValueError, match="raters must be binary"):
+        evaluate_batch(masks[None] // 255, twos[None])
+    assert evaluate_case(masks // 255, masks[:1] // 255)["ged"] == pytest.approx(0.5)

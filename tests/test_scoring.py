@@ -11,7 +11,7 @@ from cimd_pipeline.ensembles import SampleSet
 from cimd_pipeline.metrics import ci_score, evaluate_case, ged
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.pipelines.evaluation.nodes import evaluate_samples
-from cimd_pipeline.scoring import GED16_FROM
+from cimd_pipeline.scoring import GED16_FROM, score_samples, summarise
 
 
 def _data(rng: np.random.Generator, cases: int = 3) -> AlignedSet:
@@ -95,9 +95,52 @@ def test_each_family_gets_its_own_means_with_its_oracle_beside_them():
     data.oracle = (rng.random((len(data), 4, 6, 6)) < 0.3).astype(np.uint8)
     summary, per_case, _ = evaluate_samples(_samples(rng, data, 4), data, _model())
     for family, rows in (("nodule", [0, 2]), ("bone", [1])):
-        for key in ("ged", "hm_iou", "ged_oracle"):
+        for key in ("ged", "ged_floor", "hm_iou", "dice_max", "ci", "ci_var", "ged_oracle"):
             assert summary[f"{key}_{family}"] == pytest.approx(per_case[key].to_numpy()[rows].mean()), (key, family)
     assert summary["ged_oracle_nodule"] != pytest.approx(summary["ged_oracle_bone"])
+    for key in ("ged_oracle", "ged_cross_oracle"):
+        assert summary[key] == pytest.approx(per_case[key].mean()), key
+    assert summary["ged_oracle_low95"] <= summary["ged_oracle"] <= summary["ged_oracle_high95"]
+
+
+def test_families_without_an_oracle_get_their_means_and_nothing_else():
+    rng = np.random.default_rng(7)
+    data = _data(rng)
+    data.cases["family"] = ["nodule", "bone", "nodule"]
+    summary, per_case, _ = evaluate_samples(_samples(rng, data, 4), data, _model())
+    assert summary["ged_bone"] == pytest.approx(per_case["ged"].iloc[1])
+    assert "ged_oracle_bone" not in summary and "ged_oracle" not in summary
+
+
+def test_per_case_table_rows_and_summary_bookkeeping():
+    rng = np.random.default_rng(8)
+    data = _data(rng)
+    summary, per_case, metrics = evaluate_samples(_samples(rng, data, GED16_FROM + 1), data, _model())
+    assert list(per_case.index) == [0, 1, 2] and "split" not in per_case and "index" not in per_case
+    assert per_case["case_id"].tolist() == ["c0", "c1", "c2"] and summary["test_cases"] == 3
+    for key in ("ged", "ged16", "ged100", "ged_floor_16", "hm_iou"):
+        assert summary[f"{key}_low95"] <= summary[key] <= summary[f"{key}_high95"], key
+    assert summary["bootstrap_resamples"] == 2000  # the documented default
+    assert metrics["ged"] == {"value": summary["ged"], "step": 0}
+
+
+def test_summary_intervals_follow_their_seed():
+    rng = np.random.default_rng(9)
+    data = _data(rng)
+    _, per_case, _ = evaluate_samples(_samples(rng, data, 4), data, _model())
+    per_case = pd.concat([per_case] * 10, ignore_index=True)  # enough cases for the seed to show
+    per_case["ged"] += rng.normal(0, 0.05, len(per_case))
+    first, again = summarise(per_case, {}, seed=0), summarise(per_case, {})
+    assert first == again and summarise(per_case, {}, seed=1)["ged_low95"] != first["ged_low95"]
+
+
+def test_samples_of_unknown_cases_are_refused_by_name():
+    rng = np.random.default_rng(10)
+    data = _data(rng)
+    samples = _samples(rng, data, 4)
+    samples.case_ids[1] = "nobody"
+    with pytest.raises(ValueError, match=r"not in the aligned dataset: \['nobody'\]"):
+        score_samples(samples, data)
 
 
 @pytest.mark.parametrize("n", [16, 100])

@@ -57,6 +57,7 @@ def test_constant_values_have_a_zero_width_interval():
     assert interval_columns(got) == {"dice_max_low95": 0.25, "dice_max_high95": 0.25}
 
 
+@pytest.mark.filterwarnings("error")  # NaN columns are expected input, not a numpy warning
 def test_nan_cases_are_left_out_and_an_all_nan_column_is_dropped():
     values = np.array([0.1, np.nan, 0.3, 0.2, np.nan, 0.4])
     table = _table({"ged_floor": values, "rater_distance": np.full(6, np.nan)})
@@ -67,9 +68,28 @@ def test_nan_cases_are_left_out_and_an_all_nan_column_is_dropped():
     assert 0.1 <= got["ged_floor"].low <= low + 0.05 and high - 0.05 <= got["ged_floor"].high <= 0.4
 
 
+def test_one_case_and_one_resample_are_enough():
+    table = _table({"ged": np.array([0.3])})
+    assert bootstrap_intervals(table, ["ged"], resamples=1)["ged"] == (0.3, 0.3, 0.3)
+    two = _table({"ged": np.array([0.2, 0.4])})
+    got = bootstrap_intervals(two, ["ged"], resamples=1, seed=5)["ged"]
+    assert got.estimate == pytest.approx(0.3) and got.low == got.high == pytest.approx(_reference(two["ged"].to_numpy(), 1, 5)[0])
+
+
+def test_defaults_are_2000_resamples_with_seed_0():
+    table = _table({"ged": np.random.default_rng(6).random(30)})
+    assert bootstrap_intervals(table, ["ged"]) == bootstrap_intervals(table, ["ged"], resamples=2000, seed=0)
+    other = _table({"ged": np.random.default_rng(7).random(30)})
+    assert paired_comparison(table, other, ["ged"]) == paired_comparison(table, other, ["ged"], resamples=2000, seed=0)
+
+
 def test_bad_input_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"no column\(s\) \['ci'\]"):
+    with pytest.raises(ValueError, match=r"per-case table has no column\(s\) \['ci'\]"):
         bootstrap_intervals(_table({"ged": np.ones(3)}), ["ci"])
+    with pytest.raises(ValueError, match=r"table a has no column\(s\) \['ci'\]"):
+        paired_comparison(_table({"ged": np.ones(3)}), _table({"ci": np.ones(3)}), ["ci"])
+    with pytest.raises(ValueError, match=r"table b has no column\(s\) \['ci'\]"):
+        paired_comparison(_table({"ci": np.ones(3)}), _table({"ged": np.ones(3)}), ["ci"])
     with pytest.raises(ValueError, match="at least one case"):
         bootstrap_intervals(_table({"ged": np.ones(0)}), ["ged"])
     with pytest.raises(ValueError, match="resamples must be >= 1"):
@@ -109,13 +129,26 @@ def test_paired_comparison_matches_cases_by_id_and_says_neither_without_evidence
 
 
 def test_paired_comparison_refuses_unpaired_or_duplicated_cases():
-    a = _table({"ged": np.ones(4)})
-    with pytest.raises(ValueError, match=r"only in a: \['c3'\]"):
-        paired_comparison(a, a.iloc[:3], ["ged"])
-    with pytest.raises(ValueError, match="more than once"):
-        paired_comparison(pd.concat([a, a.iloc[:1]]), a, ["ged"])
+    a = _table({"ged": np.ones(8)})
+    with pytest.raises(ValueError, match=r"only in a: \['c1', 'c2', 'c3', 'c4', 'c5'\], only in b: \[\]"):
+        paired_comparison(a, a.iloc[[0, 6, 7]], ["ged"])
+    with pytest.raises(ValueError, match=r"only in a: \[\], only in b: \['c1', 'c2', 'c3', 'c4', 'c5'\]$"):
+        paired_comparison(a.iloc[[0, 6, 7]], a, ["ged"])
+    many = pd.concat([a, a.iloc[:6]])
+    with pytest.raises(ValueError, match=r"table a lists cases more than once: \['c0', 'c1', 'c2', 'c3', 'c4'\]$"):
+        paired_comparison(many, a, ["ged"])
+    with pytest.raises(ValueError, match="table b lists cases more than once"):
+        paired_comparison(a, many, ["ged"])
 
 
+def test_identical_sets_are_neither_better():
+    a = _table({"ged": np.linspace(0.1, 0.5, 20), "hm_iou": np.linspace(0.2, 0.9, 20)})
+    got = paired_comparison(a, a, ["ged", "hm_iou"])
+    assert all(c.difference == c.low == c.high == 0 and c.better == "neither" for c in got.values())
+    assert list(comparison_table({}).columns) == ["metric", "difference", "low", "high", "cases", "better"]
+
+
+@pytest.mark.filterwarnings("error")
 def test_nan_in_either_set_leaves_that_case_out_of_the_difference():
     a = _table({"ged_floor": np.array([0.2, np.nan, 0.4])})
     b = _table({"ged_floor": np.array([0.1, 0.3, np.nan])})
