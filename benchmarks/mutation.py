@@ -65,12 +65,14 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "diffusion": (
         ("diffusion/__init__.py", "diffusion/losses.py", "diffusion/respace.py",
-         "diffusion/samplers.py", "diffusion/schedule.py"),
+         "diffusion/samplers.py", "diffusion/schedule.py", "diffusion/weighting.py"),
         ("tests/diffusion",),
     ),
     "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_loop_reports.py",
                                    "tests/training/test_resume_rules.py")),
     "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py",)),
+    "fingerprint": (("training/fingerprint.py", "training/augment.py"),
+                    ("tests/training/test_fingerprint.py", "tests/training/test_augment.py")),
 }
 # Detected: the tests failed (killed, pytest error), ran past mutmut's limit (timeout) or crashed.
 DETECTED = {"killed", "timeout", "segfault", "suspicious", "caught by type check"}

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from cimd_pipeline.config import validate_parameters
-from cimd_pipeline.diffusion import GaussianDiffusion, cosine_betas, weighting_problems, x0_loss_weights
+from cimd_pipeline.diffusion import (
+    GaussianDiffusion,
+    cosine_betas,
+    weighting_problems,
+    x0_loss_weights,
+)
 from cimd_pipeline.errors import ConfigError
 
 

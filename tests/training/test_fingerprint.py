@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from cimd_pipeline.config import ModelParams, TrainingParams, Variant
 from cimd_pipeline.models.trained import build_model
-from cimd_pipeline.training.fingerprint import data_digest, model_identity, run_fingerprint
+from cimd_pipeline.training.fingerprint import (
+    TRAJECTORY_KEYS,
+    data_digest,
+    model_identity,
+    run_fingerprint,
+)
 from tests.training.test_resume_rules import aligned
 
 # A small network of every variant for 8x8 images (every change below still fits 8 pixels).
@@ -162,3 +170,36 @@ def test_digest_reads_every_chunk_and_does_not_depend_on_the_chunk_size():
         assert data_digest(changed, chunk_bytes=images_row) != whole, array
     with pytest.raises(ValueError, match="chunk_bytes"):
         data_digest(data, chunk_bytes=0)
+
+
+def test_digest_and_fingerprint_are_the_documented_hashes():
+    """Rebuilt independently: BLAKE2b of each array's name, dtype, shape and bytes, then the case
+    ids; SHA-256 of the model identity, the trajectory keys and the digest. A changed recipe
+    would orphan every checkpoint, so it must change here on purpose."""
+    data = aligned()
+    reference = hashlib.blake2b(digest_size=16)
+    for name in ("images", "masks", "rater_valid"):
+        array = getattr(data, name)
+        reference.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        reference.update(np.ascontiguousarray(array).tobytes())
+    reference.update(json.dumps([str(c) for c in data.cases["case_id"]]).encode())
+    assert data_digest(data, chunk_bytes=data.images[0].nbytes) == reference.hexdigest()
+    training = TrainingParams(flip_axes=["width"], lr=3e-4)
+    payload = {
+        "model": model_identity({"variant": "ddpm_prob"}),
+        "training": {k: getattr(training, k) for k in TRAJECTORY_KEYS},
+        "data": "digest",
+    }
+    expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    assert run_fingerprint({"variant": "ddpm_prob"}, training, "digest") == expected
+
+
+def test_digest_sees_the_first_row_and_the_case_ids():
+    whole = data_digest(aligned())
+    for array in ("images", "masks"):
+        changed = aligned()
+        getattr(changed, array)[0].flat[0] += 1
+        assert data_digest(changed, chunk_bytes=changed.images[0].nbytes) != whole, array
+    renamed = aligned()
+    renamed.cases.loc[renamed.cases.index[0], "case_id"] = "another"
+    assert data_digest(renamed) != whole

@@ -70,9 +70,9 @@ def weighting_problems(prediction_type: str, weighting: LossWeighting | str) -> 
     if str(getattr(prediction_type, "value", prediction_type)) == "eps" and (
         LossWeighting(weighting) is LossWeighting.SNR_PLUS_ONE
     ):
-        return [
+        return [(
             "loss_weighting='snr_plus_one' with prediction_type='eps' weighs the eps-MSE by "
             "1 + 1/SNR(t), which explodes at the noisiest steps (about 4e8 on the cosine schedule); "
             "predict v or x0 (then it is the v-loss), or use loss_weighting 'simple' or 'min_snr'"
-        ]
+        )]
     return []
