@@ -267,6 +267,12 @@ class InferenceParams(SamplerSettings):
 
 class EvaluationParams(Strict):
     figure_cases: int = Field(4, ge=0)
+    # samples drawn elsewhere (docs/evaluation.md): a file or folder, scored instead of the
+    # sampling pipeline's; every case of `split` needs samples at the raters' size
+    samples: str | None = None
+    split: Literal["train", "val", "test", "all"] = "test"
+    resize: bool = False  # resize samples of another size by nearest neighbour (else refused)
+    binarise_threshold: float | None = None  # soft samples: foreground is value > threshold
 
 
 BLOCKS: dict[str, type[Strict]] = {

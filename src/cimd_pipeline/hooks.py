@@ -9,12 +9,14 @@ from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
+from kedro.io import MemoryDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cimd_pipeline.config import validate_parameters
+from cimd_pipeline.config import EvaluationParams, validate_parameters
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.errors import ConfigError
+from cimd_pipeline.io.external_samples_dataset import ExternalSamplesDataset
 from cimd_pipeline.mlflow_runs import KILLED, close_dead_runs, owner_tags
 from cimd_pipeline.run_labels import (
     EXPERIMENT_KIND_TAG,
@@ -24,12 +26,23 @@ from cimd_pipeline.run_labels import (
     mark_model_training,
     run_name,
 )
+from cimd_pipeline.system_metrics import FlushingMonitor, start_monitor
 from cimd_pipeline.tracking_server import check_reachable, ensure_experiment, is_remote
 
 logger = logging.getLogger(__name__)
 
 #: The catalog entry whose data every model stage reads (conf/base/catalog.yml).
 ALIGNED_DATASET = "aligned_dataset"
+#: The catalog entries of the samples the evaluation pipeline scores and of the model that drew them.
+TEST_SAMPLES = "test_samples"
+TRAINED_MODEL = "trained_model"
+
+
+def _fail_run() -> None:
+    """Kedro calls no on_pipeline_error for an error raised in before_pipeline_run, and MLflow's
+    exit handler would then close kedro-mlflow's run as FINISHED."""
+    if mlflow.active_run() is not None:
+        mlflow.end_run("FAILED")
 
 
 class ParameterValidationHook:
@@ -46,12 +59,63 @@ class ParameterValidationHook:
         try:
             validate_parameters(params, running)
         except ConfigError:
-            # Kedro calls no on_pipeline_error for an error raised in this hook, and MLflow's exit
-            # handler would then close kedro-mlflow's run as FINISHED.
-            if mlflow.active_run() is not None:
-                mlflow.end_run("FAILED")
+            _fail_run()
             raise
         logger.info("parameters validated: %s", ", ".join(sorted(params)))
+
+
+class ExternalSamplesHook:
+    """``evaluation.samples`` set: the evaluation pipeline scores samples drawn elsewhere.
+
+    ``test_samples`` becomes a read-only `ExternalSamplesDataset` of that path, and
+    ``trained_model`` an empty input (no model of this run drew them). A run that would draw or
+    train itself is refused: its samples would be silently replaced. Registered before
+    `ParameterValidationHook` in settings.HOOKS, so it runs after the parameters are validated.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        block = catalog.load("parameters").get("evaluation")
+        if not block or not block.get("samples"):
+            return
+        params = EvaluationParams.model_validate(block)
+        made_here = sorted({TEST_SAMPLES, TRAINED_MODEL} & set(pipeline.all_outputs()))
+        if made_here:
+            _fail_run()
+            raise ConfigError(
+                f"evaluation.samples scores samples drawn elsewhere, but this run makes {made_here}: "
+                'run the evaluation alone (kedro run --pipelines evaluation --params "evaluation.samples=...")'
+            )
+        catalog[TEST_SAMPLES] = ExternalSamplesDataset(params.samples, threshold=params.binarise_threshold)
+        catalog[TRAINED_MODEL] = MemoryDataset(None)
+        logger.info("evaluation scores the samples at %s", params.samples)
+
+
+class SystemMetricsHook:
+    """CPU, memory and (when present) GPU use of each ``kedro run`` as MLflow system metrics
+    (`cimd_pipeline.system_metrics`), sampled from kedro-mlflow's run start to the pipeline's end."""
+
+    def __init__(self) -> None:
+        self._monitor: FlushingMonitor | None = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        run = mlflow.active_run()
+        if run is not None and self._monitor is None:
+            self._monitor = start_monitor(run.info.run_id)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], run_result: Any) -> None:
+        self._stop()
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any]) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 # --- MLflow run ownership: killed runs must not stay RUNNING (docs/reliability.md) ------------------------

@@ -10,9 +10,11 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 
 from cimd_pipeline.hooks import (
+    ExternalSamplesHook,
     MlflowRunLabelHook,
     MlflowRunOwnerHook,
     ParameterValidationHook,
+    SystemMetricsHook,
     TrackingServerHook,
 )
 from cimd_pipeline.tracking_server import required_env
@@ -26,9 +28,17 @@ def _project_root() -> str:
     return str(here)
 
 
-# Called last-registered first: the MLflow hooks tag and name the run before validation can fail it.
-# TrackingServerHook runs first of all (tryfirst), before kedro-mlflow connects.
-HOOKS = (ParameterValidationHook(), MlflowRunLabelHook(), MlflowRunOwnerHook(), TrackingServerHook())
+# Called last-registered first: the MLflow hooks tag and name the run before validation can fail it,
+# and external samples are wired in after it. TrackingServerHook runs first of all (tryfirst),
+# before kedro-mlflow connects.
+HOOKS = (
+    ExternalSamplesHook(),
+    ParameterValidationHook(),
+    MlflowRunLabelHook(),
+    MlflowRunOwnerHook(),
+    SystemMetricsHook(),
+    TrackingServerHook(),
+)
 
 # Under torchrun (docs/scaling.md) only rank 0 tracks the run in MLflow; the other ranks train
 # their share and leave before any output is written.

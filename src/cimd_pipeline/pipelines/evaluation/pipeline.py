@@ -1,4 +1,8 @@
-"""The ``evaluation`` pipeline."""
+"""The ``evaluation`` pipeline.
+
+``test_samples`` are the sampling pipeline's samples, or, with ``evaluation.samples`` set, samples
+drawn elsewhere (`cimd_pipeline.hooks.ExternalSamplesHook` points the catalog entry at them).
+"""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -6,6 +10,7 @@ from cimd_pipeline.pipelines.evaluation.nodes import (
     evaluate_samples,
     plot_metric_distribution,
     plot_samples,
+    samples_to_score,
 )
 
 
@@ -13,14 +18,20 @@ def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
             node(
+                samples_to_score,
+                ["test_samples", "aligned_dataset", "params:evaluation"],
+                "scored_samples",
+                name="samples_to_score",
+            ),
+            node(
                 evaluate_samples,
-                ["test_samples", "aligned_dataset", "trained_model"],
+                ["scored_samples", "aligned_dataset", "trained_model"],
                 ["evaluation_summary", "per_case_metrics", "evaluation_metrics"],
                 name="evaluate_samples",
             ),
             node(
                 plot_samples,
-                ["test_samples", "aligned_dataset", "params:evaluation"],
+                ["scored_samples", "aligned_dataset", "params:evaluation"],
                 "sample_grid_figure",
                 name="plot_samples",
             ),
