@@ -50,6 +50,8 @@ SKIPPED = {
     ("python", "benchmarks/"): "benchmark scripts; tests/test_benchmarks.py runs each on tiny settings",
     ("git", "-C"): "extracts the public LIDC slice tree from its repository (data is never downloaded)",
     ("tar", "-x"): "the other half of that extraction",
+    ("cimd-pipeline", "evaluate"): "the evaluator without Kedro; tests/test_evaluate.py runs it on an "
+    "LIDC slice tree it writes",
 }
 # `kedro run` commands that are parsed by Kedro's own `run` command (its --params YAML included)
 # but not run here, with the reason

@@ -154,3 +154,33 @@ def test_missing_and_unknown_cases_are_refused_or_left_out_when_asked(tmp_path: 
     with pytest.raises(DataError, match="'LIDC-IDRI-0009/nodule-0/slice-0' is not among the 3 rater cases") as error:
         evaluate(stray, tree)
     assert "LIDC-IDRI-0009" in error.value.source
+
+
+def test_only_sampled_never_opens_the_slices_without_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tree = write_lidc_tree(tmp_path / "tree")
+    (tree / CASES[2].replace("slice-0", "images/slice-0.png")).write_bytes(b"not a png")
+    samples, expected = known_samples()
+    folder = write_png_samples(tmp_path / "two", {c: samples[c] for c in CASES[:2]})
+    with pytest.raises(DataError, match="unreadable image file"):
+        evaluate(folder, tree)
+    result = evaluate(folder, tree, only_sampled=True, figure_cases=0)
+    assert result.summary["rater_cases_without_samples"] == 1
+    assert result.summary["ged"] == pytest.approx((expected[CASES[0]] + expected[CASES[1]]) / 2, abs=1e-6)
+
+
+def test_another_rater_tree_reads_with_the_folders_reader_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tree = tmp_path / "flat"
+    tree.mkdir()
+    for case in ("a", "b"):
+        Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(tree / f"{case}.png")
+        for k, radius in enumerate(RADII):
+            Image.fromarray(disk(radius) * 255).save(tree / f"{case}_l{k}.png")
+    samples, expected = known_samples()
+    folder = write_png_samples(tmp_path / "samples", {"a": samples[CASES[0]], "b": samples[CASES[2]]})
+    with pytest.raises(DataError, match="neither an aligned dataset .* nor an LIDC slice tree"):
+        evaluate(folder, tree)
+    result = evaluate(folder, tree, reader_options={"layout": "flat", "pattern": "*.png"}, figure_cases=0)
+    ged = result.per_case.set_index("case_id")["ged"]
+    assert ged["a"] == pytest.approx(0.0, abs=1e-6) and ged["b"] == pytest.approx(expected[CASES[2]], abs=1e-6)

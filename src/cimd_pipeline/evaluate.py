@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.data.external_samples import ExternalSamples, match_to_raters, read_samples
-from cimd_pipeline.data.rater_sets import load_raters
+from cimd_pipeline.data.rater_sets import LEFT_OUT, load_raters
 from cimd_pipeline.io.atomic import atomic_write
 from cimd_pipeline.plots import metric_histograms, sample_grids
 from cimd_pipeline.scoring import score_samples, summarise, to_mlflow_metrics
@@ -201,9 +201,11 @@ def evaluate(
     Raises:
         DataError: a file that cannot be scored, named with the problem.
     """
-    data = load_raters(raters, split=split, reader_options=reader_options)
     read = read_samples(samples, threshold=threshold)
+    wanted = list(read.case_ids) if only_sampled else None
+    data = load_raters(raters, split=split, reader_options=reader_options, case_ids=wanted)
     matched, data = matched_samples(read, data, resize=resize, only_sampled=only_sampled)
+    matched.info["rater_cases_without_samples"] += data.cases.attrs.get(LEFT_OUT, 0)
     params = {"samples": str(samples), "raters": str(raters), "split": split, "resize": resize,
               "threshold": threshold, "num_samples": int(matched.binary.shape[1])}
     with tracked_run(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), run_name) as run_id:
