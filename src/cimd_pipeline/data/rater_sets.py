@@ -28,8 +28,8 @@ import pandas as pd
 from cimd_pipeline.data.aligned import SPLITS, AlignedSet
 from cimd_pipeline.data.alignment import binarise
 from cimd_pipeline.data.cases import Case
-from cimd_pipeline.data.readers.folders import read_folders
 from cimd_pipeline.data.readers.common import natural_key
+from cimd_pipeline.data.readers.folders import read_folders
 from cimd_pipeline.data.readers.lidc_slices import is_slice_tree, read_slice, slice_tree_files
 from cimd_pipeline.errors import DataError
 
