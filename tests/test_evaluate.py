@@ -184,3 +184,36 @@ def test_another_rater_tree_reads_with_the_folders_reader_options(tmp_path: Path
     result = evaluate(folder, tree, reader_options={"layout": "flat", "pattern": "*.png"}, figure_cases=0)
     ged = result.per_case.set_index("case_id")["ged"]
     assert ged["a"] == pytest.approx(0.0, abs=1e-6) and ged["b"] == pytest.approx(expected[CASES[2]], abs=1e-6)
+
+
+def test_compare_gives_the_paired_difference_of_two_sample_sets(tmp_path: Path):
+    tree = write_lidc_tree(tmp_path / "tree")
+    samples, expected = known_samples()
+    a = write_png_samples(tmp_path / "a", samples)
+    b = write_png_samples(tmp_path / "b", {c: [np.zeros((SIZE, SIZE), np.uint8)] * 4 for c in CASES})
+    out = tmp_path / "a_vs_b"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cimd_pipeline", "evaluate", str(a), str(tree), "--compare", str(b), "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shown = json.loads(proc.stdout)
+    empty_ged = expected[CASES[1]]  # all-empty samples score 2 - mean rater distance on every case
+    assert shown["compare"]["ged"] == pytest.approx(empty_ged, abs=1e-6)
+    comparison = pd.read_csv(out / "comparison.csv").set_index("metric")
+    difference = np.mean([expected[c] - empty_ged for c in CASES])
+    ged = comparison.loc["ged"]
+    assert ged["difference"] == pytest.approx(difference, abs=1e-6) and ged["cases"] == 3
+    assert ged["low"] <= ged["difference"] <= ged["high"] <= 0
+    # all-empty samples never overlap a rater: B's Dice_max is 0, so the difference is A's mean
+    assert comparison.loc["dice_max", "difference"] == pytest.approx(shown["samples"]["dice_max"], abs=1e-6)
+    assert json.loads((out / "compared" / "metrics.json").read_text())["ged"] == pytest.approx(empty_ged, abs=1e-6)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    run = mlflow.search_runs(experiment_names=["cimd_pipeline"]).iloc[0]
+    assert run["metrics.paired.ged_difference"] == pytest.approx(difference, abs=1e-6)
+    assert run["metrics.compared.ged"] == pytest.approx(empty_ged, abs=1e-6)
+
+    other = write_png_samples(tmp_path / "other", {c: samples[c] for c in CASES[:2]})
+    with pytest.raises(DataError, match="1 of 3 rater cases have no samples"):
+        evaluate(a, tree, compare_with=other)

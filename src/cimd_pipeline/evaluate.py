@@ -36,6 +36,12 @@ from cimd_pipeline.data.rater_sets import LEFT_OUT, load_raters
 from cimd_pipeline.io.atomic import atomic_write
 from cimd_pipeline.plots import metric_histograms, sample_grids
 from cimd_pipeline.scoring import score_samples, summarise, to_mlflow_metrics
+from cimd_pipeline.uncertainty import (
+    HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
+    comparison_table,
+    paired_comparison,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,11 @@ SUMMARY_FILE = "metrics.json"
 PER_CASE_FILE = "per_case_metrics.csv"
 SAMPLE_GRID_FILE = "sample_grid.png"
 HISTOGRAM_FILE = "metric_histograms.png"
+#: With a second sample set: the paired comparison, and the second set's own outputs in a folder.
+COMPARISON_FILE = "comparison.csv"
+COMPARED_FOLDER = "compared"
+#: MLflow metrics of the paired comparison: ``paired.ged_difference``, ``paired.ged_low95`` ...
+PAIRED_PREFIX = "paired"
 #: The experiment conf/base/mlflow.yml names, so standalone scores sit beside pipeline runs;
 #: MLFLOW_EXPERIMENT_NAME overrides it.
 EXPERIMENT = "cimd_pipeline"
@@ -60,12 +71,17 @@ class Evaluation:
         per_case: one row per scored case: ids, metadata and every metric.
         figures: file name -> figure (the sample grid and the metric histograms).
         run_id: the MLflow run it was logged in, if any.
+        compared: the second sample set's evaluation, when one was compared.
+        comparison: per metric, the paired difference (this set - the second), its 95 %
+            interval, the cases and which set is better (`cimd_pipeline.uncertainty`).
     """
 
     summary: dict[str, Any]
     per_case: pd.DataFrame
     figures: dict[str, Figure] = field(default_factory=dict)
     run_id: str | None = None
+    compared: Evaluation | None = None
+    comparison: pd.DataFrame | None = None
 
 
 def sample_grid_figure(samples: Any, data: AlignedSet, figure_cases: int) -> Figure:
@@ -116,6 +132,13 @@ def matched_samples(
     return matched, data
 
 
+def compare(a: Evaluation, b: Evaluation, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstrap comparison of two evaluations on the same cases: a - b per metric with a
+    better direction (GED lower; HM-IoU, Dice_max, CI higher)."""
+    keys = [k for k in a.per_case if k in b.per_case and k in LOWER_IS_BETTER | HIGHER_IS_BETTER]
+    return comparison_table(paired_comparison(a.per_case, b.per_case, keys, seed=seed))
+
+
 def write_outputs(result: Evaluation, out: str | Path, dpi: int = 100) -> list[Path]:
     """Write metrics.json, the per-case CSV and the figures into ``out``, each file atomically."""
     out = Path(out)
@@ -126,6 +149,11 @@ def write_outputs(result: Evaluation, out: str | Path, dpi: int = 100) -> list[P
     for name, figure in result.figures.items():
         atomic_write(out / name, lambda tmp, f=figure: f.savefig(tmp, dpi=dpi, format="png"))
         written.append(out / name)
+    if result.comparison is not None:
+        written.append(out / COMPARISON_FILE)
+        atomic_write(written[-1], lambda tmp: result.comparison.to_csv(tmp, index=False))
+    if result.compared is not None:
+        written += write_outputs(result.compared, out / COMPARED_FOLDER, dpi)
     return written
 
 
@@ -143,6 +171,14 @@ def log_result(result: Evaluation, params: dict[str, Any]) -> None:
     mlflow.log_text(table.getvalue(), f"reports/{PER_CASE_FILE}")
     for name, figure in result.figures.items():
         mlflow.log_figure(figure, f"figures/{name}")
+    if result.comparison is not None:
+        mlflow.log_text(result.comparison.to_csv(index=False), f"reports/{COMPARISON_FILE}")
+        for row in result.comparison.itertuples():
+            for part, name in (("difference", "difference"), ("low", "low95"), ("high", "high95")):
+                mlflow.log_metric(f"{PAIRED_PREFIX}.{row.metric}_{name}", getattr(row, part))
+    if result.compared is not None:
+        metrics = to_mlflow_metrics(result.compared.summary)
+        mlflow.log_metrics({f"{COMPARED_FOLDER}.{k}": v["value"] for k, v in metrics.items()})
 
 
 @contextmanager
@@ -176,6 +212,7 @@ def evaluate(
     figure_cases: int = 4,
     tracking_uri: str | None = None,
     run_name: str | None = None,
+    compare_with: str | Path | None = None,
 ) -> Evaluation:
     """Score the samples at ``samples`` against the raters at ``raters``.
 
@@ -194,6 +231,9 @@ def evaluate(
         figure_cases: cases shown in the sample grid (0: none).
         tracking_uri: MLflow tracking URI; None uses MLFLOW_TRACKING_URI, and without either
             nothing is logged.
+        compare_with: a second sample set (same formats) for the same cases: it is scored too,
+            and the paired comparison (samples - compare_with, bootstrap 95 % interval) is
+            returned in ``comparison`` and written to comparison.csv.
 
     Returns:
         The summary, the per-case table and the figures.
@@ -206,11 +246,18 @@ def evaluate(
     data = load_raters(raters, split=split, reader_options=reader_options, case_ids=wanted)
     matched, data = matched_samples(read, data, resize=resize, only_sampled=only_sampled)
     matched.info["rater_cases_without_samples"] += data.cases.attrs.get(LEFT_OUT, 0)
+    other = None
+    if compare_with is not None:
+        other, _ = matched_samples(read_samples(compare_with, threshold=threshold), data, resize=resize)
     params = {"samples": str(samples), "raters": str(raters), "split": split, "resize": resize,
-              "threshold": threshold, "num_samples": int(matched.binary.shape[1])}
+              "threshold": threshold, "num_samples": int(matched.binary.shape[1]),
+              "compare_with": None if compare_with is None else str(compare_with)}
     with tracked_run(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), run_name) as run_id:
         result = score(matched, data, {**matched.info, "raters_path": str(raters)}, figure_cases)
         result.run_id = run_id
+        if other is not None:
+            result.compared = score(other, data, {**other.info, "raters_path": str(raters)}, 0)
+            result.comparison = compare(result, result.compared)
         if out is not None:
             for path in write_outputs(result, out):
                 logger.info("wrote %s", path)

@@ -1,6 +1,7 @@
 """``cimd-pipeline evaluate SAMPLES RATERS [--out DIR]``: the evaluator without a Kedro project.
 
-Prints the aggregate metrics as JSON on stdout; a file that cannot be scored ends the command
+Prints the aggregate metrics as JSON on stdout (with ``--compare``: both sets' and the paired
+comparison); a file that cannot be scored ends the command
 with exit status 2 and one line naming the file and the problem, before anything is written.
 """
 
@@ -20,6 +21,7 @@ from cimd_pipeline.errors import DataError
 USAGE_EXAMPLE = """examples:
   cimd-pipeline evaluate my_samples/ LIDC-IDRI-slices/ --out scores/
   cimd-pipeline evaluate samples.npz data/03_primary/aligned --split test --out scores/
+  cimd-pipeline evaluate model_a/ LIDC-IDRI-slices/ --compare model_b/ --out a_vs_b/
 
 SAMPLES: a folder with one folder of PNG masks per case (its path below SAMPLES is the case id,
 e.g. LIDC-IDRI-0001/nodule-0/slice-3/*.png), an .npz (keys samples, case_ids), an .npy with
@@ -55,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--reader-option", type=_option, action="append", default=None, metavar="KEY=VALUE",
                      help="folders-reader option for a rater tree that is not LIDC's (repeatable)")
     cli.add_argument("--figure-cases", type=int, default=4, help="cases in the sample grid (default 4)")
+    cli.add_argument("--compare", metavar="SAMPLES_B",
+                     help="a second sample set of the same cases: paired difference SAMPLES - SAMPLES_B "
+                     "per metric with its bootstrap 95%% interval (comparison.csv)")
     cli.add_argument("--run-name", help="MLflow run name (with MLFLOW_TRACKING_URI set)")
     return cli
 
@@ -76,9 +81,14 @@ def evaluate_main(argv: Sequence[str]) -> int:
             reader_options=dict(args.reader_option) if args.reader_option else None,
             figure_cases=args.figure_cases,
             run_name=args.run_name,
+            compare_with=args.compare,
         )
     except DataError as exc:
         sys.stderr.write(f"cimd-pipeline evaluate: {exc}\n")
         return 2
-    sys.stdout.write(json.dumps(result.summary, indent=2) + "\n")
+    shown: dict[str, Any] = result.summary
+    if result.comparison is not None:
+        shown = {"samples": result.summary, "compare": result.compared.summary,
+                 "comparison": result.comparison.to_dict(orient="records")}
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cimd_pipeline.data.aligned import SPLITS, AlignedSet
+from cimd_pipeline.data.aligned_files import read_aligned
 from cimd_pipeline.data.alignment import binarise
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.readers.common import natural_key
@@ -46,9 +47,7 @@ def is_aligned_dataset(path: Path) -> bool:
 
 def load_aligned(path: Path, split: str = "test") -> AlignedSet:
     """One split (or ``all``) of an aligned dataset, memory-mapped."""
-    from cimd_pipeline.io.aligned_dataset import AlignedDataset
-
-    data = AlignedDataset(str(path)).load()
+    data = read_aligned(path)
     if split == ALL:
         return data
     if split not in SPLITS:
