@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cimd_pipeline.data.agreement import agreement_summary, agreement_table
+from cimd_pipeline.data import agreement
+from cimd_pipeline.data.agreement import agreement_summary, agreement_table, case_agreement
 from cimd_pipeline.data.aligned import AlignedSet
 
 
@@ -36,3 +37,19 @@ def test_agreement_against_hand_computed_values():
     assert summary["all_empty_share"] == pytest.approx(1 / 3)
     assert summary["mean_pairwise_iou"] == pytest.approx(((2 / 3) + 0.0) / 2)
     assert summary["mean_rater_ged"] == pytest.approx((2 / 9 + 0.5 + 0) / 3)
+
+
+def test_agreement_read_block_by_block_matches_case_by_case(tmp_path, monkeypatch):
+    """A memory-mapped set is scanned in blocks; every case keeps its own masks and raters."""
+    rng = np.random.default_rng(0)
+    masks = (rng.random((11, 3, 4, 4)) < 0.4).astype(np.uint8)
+    valid = rng.random((11, 3)) < 0.8
+    valid[:, 0] = True
+    np.save(tmp_path / "masks.npy", masks)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(11)], "group_id": "g", "split": "test"})
+    data = AlignedSet(np.zeros((11, 1, 4, 4), np.float32), np.load(tmp_path / "masks.npy", mmap_mode="r"), valid, cases)
+    monkeypatch.setattr(agreement, "BLOCK_ROWS", 4)
+    table = agreement_table(data)
+    expected = pd.DataFrame([case_agreement(masks[i], valid[i]) for i in range(11)])
+    assert table["case_id"].tolist() == cases["case_id"].tolist()
+    pd.testing.assert_frame_equal(table.drop(columns=["case_id", "split"]), expected)

@@ -102,3 +102,24 @@ def test_row_blocks_cover_every_row_once_in_order(tmp_path: Path):
     assert [len(b) for b in blocks] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(blocks), array)
     np.testing.assert_array_equal(mapped, array)  # pages handed back are read again on access
+
+
+def resident_file_kb() -> int:
+    """Pages of mapped files this process holds (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
+def test_row_blocks_do_not_keep_a_mapped_file_resident(tmp_path: Path):
+    array = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(256, 256, 1024))
+    array[:] = 1
+    array.flush()
+    del array
+    mapped = np.load(tmp_path / "big.npy", mmap_mode="r")  # 64 MiB
+    before = resident_file_kb()
+    total = sum(int(block.sum(dtype=np.int64)) for block in row_blocks(mapped, rows=16))
+    assert total == 256 * 256 * 1024
+    assert resident_file_kb() - before < 16 * 1024  # a 4 MiB block at a time, not 64 MiB
