@@ -70,7 +70,10 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "loop": (("training/loop.py",), ("tests/training/test_loop.py", "tests/training/test_loop_reports.py",
                                    "tests/training/test_resume_rules.py")),
-    "alignment": (("data/alignment.py",), ("tests/data/test_alignment.py",)),
+    "alignment": (
+        ("data/alignment.py", "data/aligned_files.py"),
+        ("tests/data/test_alignment.py", "tests/data/test_aligned_files.py"),
+    ),
     "fingerprint": (("training/fingerprint.py", "training/augment.py"),
                     ("tests/training/test_fingerprint.py", "tests/training/test_augment.py")),
 }

@@ -45,6 +45,9 @@ def test_agreement_read_block_by_block_matches_case_by_case(tmp_path, monkeypatc
     masks = (rng.random((11, 3, 4, 4)) < 0.4).astype(np.uint8)
     valid = rng.random((11, 3)) < 0.8
     valid[:, 0] = True
+    masks[2] = 0  # nobody drew anything
+    masks[3, 1] = 0  # one rater drew nothing
+    valid[4] = [True, False, False]  # one rater: no pair
     np.save(tmp_path / "masks.npy", masks)
     cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(11)], "group_id": "g", "split": "test"})
     data = AlignedSet(np.zeros((11, 1, 4, 4), np.float32), np.load(tmp_path / "masks.npy", mmap_mode="r"), valid, cases)
@@ -52,4 +55,4 @@ def test_agreement_read_block_by_block_matches_case_by_case(tmp_path, monkeypatc
     table = agreement_table(data)
     expected = pd.DataFrame([case_agreement(masks[i], valid[i]) for i in range(11)])
     assert table["case_id"].tolist() == cases["case_id"].tolist()
-    pd.testing.assert_frame_equal(table.drop(columns=["case_id", "split"]), expected)
+    pd.testing.assert_frame_equal(table.drop(columns=["case_id", "split"]), expected, check_dtype=False)
