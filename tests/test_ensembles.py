@@ -13,6 +13,7 @@ from cimd_pipeline.diffusion.noise import RowGenerators, randn, stream_seed
 from cimd_pipeline.ensembles import draw_ensembles
 from cimd_pipeline.errors import SamplingError
 from cimd_pipeline.models.trained import build_model
+from cimd_pipeline.processes import Workers
 from cimd_pipeline.sample_rows import draw_rows, row_batches
 
 CPU = torch.device("cpu")
@@ -178,6 +179,27 @@ def test_more_than_one_process_shares_the_batches_out(monkeypatch, processes, sh
     assert len(calls) == 2 * shards
     one_batch = draw_ensembles(net, patterns(1), np.array(["a"]), setting, CPU)  # 3 rows: 1 batch
     assert len(calls) == 2 * shards and one_batch.info["num_processes"] == processes
+
+
+def test_torchrun_ranks_share_the_batches_and_only_rank_0_gets_samples(monkeypatch):
+    calls = []
+
+    def ranks(net, images, keys, params, device, batches, source, workers):
+        calls.append((keys.tolist(), batches, source, workers))
+        return None if workers.rank else np.ones((sum(len(b) for b in batches), *images.shape[2:]), np.float16)
+
+    monkeypatch.setattr(ensembles, "draw_ranks", ranks)
+    monkeypatch.setattr(ensembles, "draw_sharded", lambda *a: pytest.fail("spawned workers under torchrun"))
+    setting, ids = params(num_processes=3), np.array(["a", "b", "c"])
+    out = draw_ensembles(CopyImageNet(), patterns(3), ids, setting, CPU, workers=Workers(0, 2))
+    assert calls == [(["a", "b", "c"], row_batches(9, 4), "CopyImageNet", Workers(0, 2))]
+    assert out.binary.all() and out.info["num_processes"] == 2
+    assert draw_ensembles(CopyImageNet(), patterns(3), ids, setting, CPU, workers=Workers(1, 2, 1)) is None
+    one = draw_ensembles(CopyImageNet(), patterns(1), ids[:1], params(), CPU, workers=Workers(0, 2))  # one batch
+    assert len(calls) == 3 and one.info["num_processes"] == 2
+    monkeypatch.setattr(ensembles, "draw_ranks", lambda *a: pytest.fail("a job of one process shards nothing"))
+    alone = draw_ensembles(CopyImageNet(), patterns(3), ids, params(), CPU, workers=Workers())
+    assert alone.info["num_processes"] == 1 and alone.binary.shape == (3, 3, 16, 16)
 
 
 def test_diverged_rows_are_named_with_their_range_and_first_five_images():
