@@ -41,7 +41,7 @@ HOOKS = (
 )
 
 # Under torchrun (docs/scaling.md) only rank 0 tracks the run in MLflow; the other ranks train
-# their share and leave before any output is written.
+# or sample their share and leave before any output is written.
 if int(os.environ.get("RANK", "0")) > 0:
     DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow",)
 
