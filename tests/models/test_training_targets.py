@@ -275,16 +275,17 @@ def test_self_conditioning_first_pass_gives_the_estimate_from_the_same_x_t(monke
 
     monkeypatch.setattr(net, "model_output", model_output)
     image, masks = torch.randn(4, 2, 16, 16), distinct_masks()
-    two_pass = 0
+    fed = 0  # the first pass runs every step; the coin feeds its estimate or zeros to the second
     for seed in range(8):
         calls.clear()
         net.losses(image, masks, VALID, torch.Generator().manual_seed(seed))
-        assert torch.equal(calls[0][2], torch.zeros_like(calls[0][2]))
-        if len(calls) == 2:
-            two_pass += 1
-            x_t, t, _, out = calls[0]
+        assert len(calls) == 2 and torch.equal(calls[0][2], torch.zeros_like(calls[0][2]))
+        x_t, t, _, out = calls[0]
+        assert torch.equal(calls[1][0], x_t) and torch.equal(calls[1][1], t)
+        if not torch.equal(calls[1][2], torch.zeros_like(calls[1][2])):
+            fed += 1
             torch.testing.assert_close(calls[1][2], net.x0_estimate(out, x_t, t))
-    assert 0 < two_pass < 8
+    assert 0 < fed < 8
 
 
 def test_the_model_block_reaches_the_encoders_and_the_diffusion():
