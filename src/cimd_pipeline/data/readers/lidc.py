@@ -64,8 +64,10 @@ def _detect(root: Path | None, pickle_path: Path) -> str:
         return "pickle"
     if root is not None and root.is_dir() and is_slice_tree(root):
         return "slices"
-    if root is None or not root.is_dir():
-        raise DataError(root or pickle_path, "no such folder (set ingestion.root)")
+    if root is None:
+        raise DataError(pickle_path, "no such file (set ingestion.reader.file, or ingestion.root to the slice tree)")
+    if not root.is_dir():
+        raise DataError(root, "no such folder (set ingestion.root)")
     hint = ""
     if (root / "LIDC-IDRI-slices").is_dir():
         hint = f"; set ingestion.root to {root / 'LIDC-IDRI-slices'}"
