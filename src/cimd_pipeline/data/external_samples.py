@@ -135,34 +135,32 @@ def _png(path: Path, threshold: float | None) -> np.ndarray:
 
 
 def _read_pngs(root: Path, threshold: float | None) -> ExternalSamples:
+    """Each folder holding PNGs is a case; all cases are written into one preallocated array
+    (the public LIDC test split at 16 samples is 0.8 GB of masks: one copy only)."""
     folders = sorted({p.parent for p in root.rglob("*.png") if not p.name.startswith(".")})
     if not folders:
         raise DataError(root, "no PNG files below this folder (one folder of PNG masks per case)")
-    ids, stacks, sources = [], [], []
-    for folder in folders:
-        inner = [f for f in folders if f != folder and folder in f.parents]
-        if inner:
-            raise DataError(folder, f"holds sample PNGs and case folders ({inner[0].relative_to(root)}); "
-                            "put each case's PNGs in a folder of their own")
+    ancestors = {parent for folder in folders for parent in folder.parents}
+    binary: np.ndarray | None = None
+    for i, folder in enumerate(folders):
+        if folder in ancestors:
+            raise DataError(folder, "holds sample PNGs and case folders below it; put each case's PNGs "
+                            "in a folder of their own")
         files = sorted((p for p in folder.glob("*.png") if not p.name.startswith(".")), key=natural_key)
         masks = [_png(p, threshold) for p in files]
         shapes = {m.shape for m in masks}
         if len(shapes) > 1:
             raise DataError(folder, f"sample PNGs of different sizes {sorted(shapes)}")
-        ids.append("." if folder == root else folder.relative_to(root).as_posix())
-        stacks.append(np.stack(masks))
-        sources.append(str(folder))
-    counts = {len(s) for s in stacks}
-    if len(counts) > 1:
-        fewest = min(range(len(stacks)), key=lambda i: len(stacks[i]))
-        raise DataError(sources[fewest], f"{len(stacks[fewest])} samples here, other cases have "
-                        f"{max(counts)}: every case needs the same number of samples")
-    shapes = {s.shape[1:] for s in stacks}
-    if len(shapes) > 1:
-        odd = next(i for i, s in enumerate(stacks) if s.shape[1:] != stacks[0].shape[1:])
-        raise DataError(sources[odd], f"samples of size {stacks[odd].shape[1:]}, the first case's are "
-                        f"{stacks[0].shape[1:]}")
-    return ExternalSamples(np.asarray(ids), np.stack(stacks), sources, np.zeros(len(ids), bool))
+        if binary is None:
+            binary = np.empty((len(folders), len(masks), *masks[0].shape), dtype=np.uint8)
+        if len(masks) != binary.shape[1]:
+            raise DataError(folder, f"{len(masks)} samples here, the first case ({folders[0]}) has "
+                            f"{binary.shape[1]}: every case needs the same number of samples")
+        if masks[0].shape != binary.shape[2:]:
+            raise DataError(folder, f"samples of size {masks[0].shape}, the first case's are {binary.shape[2:]}")
+        binary[i] = np.stack(masks)
+    ids = ["." if folder == root else folder.relative_to(root).as_posix() for folder in folders]
+    return ExternalSamples(np.asarray(ids), binary, [str(f) for f in folders], np.zeros(len(ids), bool))
 
 
 def _nifti_id(root: Path, path: Path) -> str:
@@ -258,7 +256,8 @@ def match_to_raters(
     resize: bool = False,
     allow_missing: bool = False,
 ) -> ExternalSamples:
-    """The samples of ``rater_ids``, in that order, at the raters' size.
+    """The samples of ``rater_ids`` (in the samples' order; scoring pairs them with raters by
+    case id), at the raters' size.
 
     Args:
         rater_ids: the cases to score (every one needs samples unless ``allow_missing``).
@@ -305,12 +304,15 @@ def match_to_raters(
         )
     if missing:
         logger.warning("%s: %d of %d rater cases have no samples and are not scored", where, len(missing), len(rater_ids))
-    rows = {c: i for i, c in enumerate(samples.case_ids)}
-    order = np.asarray([rows[c] for c in rater_ids if c in have], dtype=int)
+    if known.all():  # scoring finds each case's raters by id: no reordering copy
+        kept, binary_kept = np.arange(len(known)), binary
+    else:
+        kept = np.flatnonzero(known)
+        binary_kept = binary[kept]
     return ExternalSamples(
-        case_ids=samples.case_ids[order],
-        binary=binary[order],
-        sources=[samples.sources[i] for i in order],
-        from_volume=samples.from_volume[order],
+        case_ids=samples.case_ids[kept],
+        binary=binary_kept,
+        sources=[samples.sources[i] for i in kept],
+        from_volume=samples.from_volume[kept],
         info={**samples.info, "rater_cases_without_samples": len(missing)},
     )
