@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cimd_pipeline.data.aligned import SPLITS, row_blocks
-from cimd_pipeline.data.aligned_files import AlignedStream, read_aligned, write_stream
+from cimd_pipeline.data.aligned_files import AlignedStream, read_aligned, write_set, write_stream
 from cimd_pipeline.data.alignment import Normalisation, ResizeMode, align_cases, stack_cases
 from cimd_pipeline.data.cases import Case
 from cimd_pipeline.data.synthetic import SyntheticConfig, generate
@@ -123,3 +123,32 @@ def test_row_blocks_do_not_keep_a_mapped_file_resident(tmp_path: Path):
     total = sum(int(block.sum(dtype=np.int64)) for block in row_blocks(mapped, rows=16))
     assert total == 256 * 256 * 1024
     assert resident_file_kb() - before < 16 * 1024  # a 4 MiB block at a time, not 64 MiB
+
+
+def test_arrays_hold_exactly_their_rows_and_ids_stay_text(tmp_path: Path):
+    cases = [case("a", 2, False), case("bb", 4, False), case("ccc", 4, False)]
+    cases[0].case_id, cases[0].group_id = "007", "010"  # numeric-looking ids stay strings
+    write_stream(tmp_path, AlignedStream(cases, {"test": 1.0}, seed=0))
+    data = read_aligned(tmp_path)
+    for name in ("images", "masks"):
+        array = getattr(data, name)
+        assert (tmp_path / f"{name}.npy").stat().st_size == array.offset + array.nbytes, name
+    assert data.cases.loc[0, "case_id"] == "007" and data.cases.loc[0, "group_id"] == "010"
+    assert data.rater_valid.dtype == bool and data.masks.dtype == np.uint8
+    in_memory = read_aligned(tmp_path, mmap=False)
+    assert not isinstance(in_memory.images, np.memmap)
+    np.testing.assert_array_equal(in_memory.masks, data.masks)
+
+
+def test_collect_stacks_what_write_set_stores_as_it_is(tmp_path: Path):
+    stacked = AlignedStream(aligned(12), {"train": 0.5, "test": 0.5}, seed=2).collect()
+    reference = stack_cases(aligned(12), {"train": 0.5, "test": 0.5}, seed=2)
+    assert stacked.cases.equals(reference.cases)
+    np.testing.assert_array_equal(stacked.images, reference.images)
+    write_set(tmp_path, stacked)
+    back = read_aligned(tmp_path)
+    assert back.cases.equals(stacked.cases)  # rows in the set's own order
+    for name in ("images", "masks", "rater_valid", "oracle"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(stacked, name))
+    with pytest.raises(DataError, match=r"empty: no aligned dataset here: run the mask_alignment pipeline first"):
+        read_aligned(tmp_path / "empty")

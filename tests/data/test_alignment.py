@@ -382,3 +382,13 @@ def test_a_threshold_of_one_or_more_on_01_masks_is_refused_and_0255_keeps_its_me
     eight_bit = Case("b", "g", np.zeros((1, 24, 28), np.float32), disk * 255, np.ones(4, bool))
     for threshold in (None, 127, 254):  # on stored 0/255 values every path gives the same mask
         np.testing.assert_array_equal(align_with([eight_bit], threshold)[0], disk)
+
+
+def test_binary_detection_is_exact_at_its_edges():
+    with pytest.raises(DataError, match=r"values 0, 7, 255"):  # 255 on top is not enough
+        binarise(np.array([[0, 7, 255]], np.uint8), None, "f")
+    with pytest.raises(DataError, match="already binary"):  # a threshold of exactly 1 empties too
+        binarise(np.array([[0, 1]], np.uint8), 1, "f")
+    out = binarise(np.array([[True, False]]), None, "f", binarised_at=127)
+    assert out.dtype == np.uint8 and out.tolist() == [[1, 0]]
+    assert binarise(np.zeros((0, 4), np.float32), None, "f").dtype == np.uint8
