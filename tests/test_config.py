@@ -89,6 +89,20 @@ def test_inference_block_is_checked_up_front():
         validate_parameters({"inference": {}}, running={"inference"})
 
 
+def test_inference_model_is_read_by_inference_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = {"input": "scans", "model": "models/lidc_cpu_64/model.pt"}
+    # a run that trains writes the catalog's trained_model, i.e. inference.model: never a shipped file
+    with pytest.raises(ConfigError, match=r"inference.model: models/lidc_cpu_64/model.pt would be overwritten"):
+        validate_parameters({"inference": shipped}, running={"training", "inference"})
+    validate_parameters({"inference": {"input": "scans"}}, running={"training", "inference"})
+    with pytest.raises(ConfigError, match=r"inference.model: no model file at models/lidc_cpu_64/model.pt"):
+        validate_parameters({"inference": shipped}, running={"inference"})
+    (tmp_path / "models/lidc_cpu_64").mkdir(parents=True)
+    (tmp_path / "models/lidc_cpu_64/model.pt").write_bytes(b"")
+    validate_parameters({"inference": shipped}, running={"inference"})
+
+
 def test_reader_options_are_checked_up_front():
     params = {"ingestion": {"source": "folders", "reader": {"layot": "flat", "group_regex": "(["}}}
     with pytest.raises(ConfigError) as err:

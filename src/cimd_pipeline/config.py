@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -243,6 +244,8 @@ class InferenceParams(SamplerSettings):
     """The ``inference`` parameter block (``conf/base/parameters_inference.yml``)."""
 
     input: str | None = None
+    # the model file: training's output, or a shipped one such as models/lidc_cpu_64/model.pt
+    model: str = "data/06_models/model.pt"
     output: str = "data/07_model_output/inference"
     batch_size: int = Field(64, ge=1)
     device: Device = "auto"
@@ -358,6 +361,23 @@ def deterministic_training_problems(model: ModelParams, training: TrainingParams
     return []
 
 
+def _inference_model_problems(inference: InferenceParams, used: set[str]) -> list[str]:
+    """``inference.model`` is the file the catalog's ``trained_model`` reads and writes: a run
+    that trains must keep training's own path, or it would write over a shipped model."""
+    default = InferenceParams.model_fields["model"].default
+    if "training" in used and inference.model != default:
+        return [
+            f"inference.model: {inference.model} would be overwritten by this run's training (it "
+            f"writes the model to inference.model); train first, then run the inference pipeline on its own"
+        ]
+    if "inference" in used and "training" not in used and not Path(inference.model).is_file():
+        return [
+            f"inference.model: no model file at {inference.model}; train one (`kedro run`) or point it at "
+            "a model.pt, e.g. --params \"inference.model=models/lidc_cpu_64/model.pt\""
+        ]
+    return []
+
+
 def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> dict[str, Strict]:
     """Validate every known block present in ``params``; raise one `ConfigError` listing all problems.
 
@@ -411,6 +431,8 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
     inference = parsed.get("inference")
     if "inference" in used and isinstance(inference, InferenceParams) and not inference.input:
         problems.append('inference.input: set it to a folder or a file, e.g. --params "inference.input=scans/"')
+    if isinstance(inference, InferenceParams):
+        problems.extend(_inference_model_problems(inference, used))
     if problems:
         raise ConfigError("invalid parameters:\n  - " + "\n  - ".join(problems))
     return parsed

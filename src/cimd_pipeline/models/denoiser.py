@@ -120,6 +120,10 @@ def build_denoiser(
         num_res_blocks=cfg.num_res_blocks,
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
+        # torch's fused scaled_dot_product_attention instead of MONAI's matmul-softmax-matmul: same
+        # parameters and result (to rounding), one kernel; sampling at 64x64 on one CPU thread
+        # went 17 % faster (benchmarks/sampling_speed.py, docs/lidc.md)
+        use_flash_attention=True,
     )
 
 
