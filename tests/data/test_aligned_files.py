@@ -127,7 +127,8 @@ def test_row_blocks_do_not_keep_a_mapped_file_resident(tmp_path: Path):
 
 def test_arrays_hold_exactly_their_rows_and_ids_stay_text(tmp_path: Path):
     cases = [case("a", 2, False), case("bb", 4, False), case("ccc", 4, False)]
-    cases[0].case_id, cases[0].group_id = "007", "010"  # numeric-looking ids stay strings
+    for k, one in enumerate(cases):  # numeric-looking ids stay strings
+        one.case_id, one.group_id = f"00{k + 7}", f"01{k}"
     write_stream(tmp_path, AlignedStream(cases, {"test": 1.0}, seed=0))
     data = read_aligned(tmp_path)
     for name in ("images", "masks"):
