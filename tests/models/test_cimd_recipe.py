@@ -87,6 +87,23 @@ def test_self_conditioning_feeds_a_first_pass_estimate_in_about_half_the_trainin
     assert 10 <= sum(fed) <= 30
 
 
+def test_the_self_conditioning_coin_comes_from_the_training_generator_alone():
+    net = CIMD(recipe(self_condition=True), image_channels=2)
+    image, masks, valid = batch()
+    fed = {}
+    for global_seed in (0, 1, 2):  # torch's global stream must not decide the coin
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(5)
+        seen = []
+        for _ in range(12):
+            oracle = OracleDenoiser(torch.full((3, 1, 16, 16), 0.25), extra_channels=1)
+            net.denoiser = oracle
+            net.losses(image, masks, valid, generator)
+            seen.append(not torch.equal(oracle.calls[1], torch.zeros(3, 1, 16, 16)))
+        fed[global_seed] = seen
+    assert fed[0] == fed[1] == fed[2] and 0 < sum(fed[0]) < 12
+
+
 def test_the_recipe_travels_in_model_pt_and_rebuilds_the_same_sampler():
     params = recipe(noise_schedule="cosine", input_scale=0.1, loss_weighting="snr_plus_one",
                     output_activation="tanh", self_condition=True)
