@@ -51,9 +51,13 @@ def load_parameters(env: str | None = None, overrides: dict[str, Any] | None = N
 
 
 def prepare_data(params: dict[str, Any]):
-    """Ingest and align as the first two pipelines do; returns the `AlignedSet`."""
+    """Ingest and align as the first two pipelines do; returns the `AlignedSet`, in memory.
+
+    `align_dataset` returns a stream that the catalog writes to disk case by case; the benchmark
+    data sets are small, so they are stacked here instead (same rows, same split).
+    """
     cases = _node_module("data_ingestion").ingest_cases(params["ingestion"])
-    return _node_module("mask_alignment").align_dataset(cases, params["alignment"])
+    return _node_module("mask_alignment").align_dataset(cases, params["alignment"]).collect()
 
 
 def add_data_arguments(parser) -> None:
