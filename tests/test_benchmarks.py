@@ -134,3 +134,36 @@ def test_lidc_scale_measures_both_data_stages_on_a_written_tree(tmp_path: Path):
         assert 0 < wall < 600 and 0.05 < rss < 1.5, row
     aligned = np.load(tmp_path / "run_30/project/data/03_primary/aligned/masks.npy", mmap_mode="r")
     assert aligned.shape == (30, 4, 128, 128)
+
+
+def test_sampling_speed_prints_each_change_and_the_profile(project):
+    out = run_script(project, "sampling_speed.py", "--size", "16", "--images", "1", "--rounds", "1", "--steps", "2")
+    assert "AMN/ACN forward calls while sampling: 0" in out
+    rows = [line for line in out.splitlines() if line.startswith(("before:", "+ "))]
+    assert [r.split("  ")[0] for r in rows] == [
+        "before: 256 rows/batch, MONAI attention, DDIM-10", "+ 16 rows/batch", "+ fused attention (SDPA)",
+        "+ channels_last weights", "+ DDIM-2",
+    ]
+    rates = [float(r.split()[-4]) for r in rows]
+    assert all(rate > 0 for rate in rates)
+    assert rates[-1] > rates[-2]  # 2 steps instead of 10 cost less per mask
+    assert "convolution" in out and "other (sampler maths, noise, Python)" in out
+
+
+def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tmp_path):
+    from cimd_pipeline.io.aligned_dataset import AlignedDataset
+    from cimd_pipeline.pipelines.data_ingestion.nodes import ingest_cases
+    from cimd_pipeline.pipelines.mask_alignment.nodes import align_dataset
+
+    fixtures = PROJECT / "tests/fixtures/lidc_slices"
+    cases = ingest_cases({"source": "lidc", "root": str(fixtures), "reader": {"layout": "slices"}})
+    split = {"train": 0.0, "val": 0.0, "test": 1.0}
+    AlignedDataset(str(tmp_path / "aligned")).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
+    out = run_script(project, "sampler_quality.py", "--model", str(PROJECT / "models/lidc_cpu_64/model.pt"),
+                     "--aligned", str(tmp_path / "aligned"), "--split", "test", "--max-cases", "2",
+                     "--samplers", "ddim2", "ddpm2", "--samples", "2", "--out", str(tmp_path / "q.csv"))
+    table = pd.read_csv(tmp_path / "q.csv")
+    assert list(table["sampler"]) == ["ddim2", "ddpm2"] and set(table["cases"]) == {2}
+    assert (table["ged_minus_floor"] == table["ged"] - table["ged_floor"]).all()
+    assert table[["hm_iou", "dice_max", "ci", "ci_var", "masks_per_cpu_s"]].notna().all().all()
+    assert "on the first 2 test cases, N = 2" in out

@@ -366,15 +366,15 @@ def _inference_model_problems(inference: InferenceParams, used: set[str]) -> lis
     that trains must keep training's own path, or it would write over a shipped model."""
     default = InferenceParams.model_fields["model"].default
     if "training" in used and inference.model != default:
-        return [
+        return [(
             f"inference.model: {inference.model} would be overwritten by this run's training (it "
-            f"writes the model to inference.model); train first, then run the inference pipeline on its own"
-        ]
+            "writes the model to inference.model); train first, then run the inference pipeline on its own"
+        )]
     if "inference" in used and "training" not in used and not Path(inference.model).is_file():
-        return [
+        return [(
             f"inference.model: no model file at {inference.model}; train one (`kedro run`) or point it at "
             "a model.pt, e.g. --params \"inference.model=models/lidc_cpu_64/model.pt\""
-        ]
+        )]
     return []
 
 

@@ -1,0 +1,86 @@
+"""Quality and cost of a trained model under several samplers, on the first K cases of a split.
+
+For each sampler (``ddim10``, ``ddpm10``, ``ddim5`` ...) draws ``--samples`` masks per case with
+the pipeline's own code (`cimd_pipeline.ensembles.draw_ensembles`) and scores them as the
+evaluation pipeline does (`cimd_pipeline.scoring`): GED, the perfect-sampler floor for the N
+drawn and GED − floor, HM-IoU, Dice_max and CI (both readings: ``ci`` and ``ci_var``, docs/metrics.md), with masks per CPU-second of this
+process (robust to other work on a shared machine). Choose samplers on ``--split val``; report on
+the test split. docs/lidc.md, "Sampling speed" and "Fewer steps".
+
+    OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --model models/lidc_cpu_64/model.pt \\
+        --aligned data/03_primary/aligned --split val --max-cases 32 --samplers ddim10 ddim5 ddim3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.ensembles import draw_ensembles
+from cimd_pipeline.io.aligned_dataset import AlignedDataset
+from cimd_pipeline.models.trained import TrainedModel
+from cimd_pipeline.scoring import score_samples
+
+COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "ci_var")
+
+
+def parse_sampler(name: str) -> tuple[str, int]:
+    """``ddim10`` -> ("ddim", 10)."""
+    match = re.fullmatch(r"(ddim|ddpm)(\d+)", name)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{name!r}: expected ddim<steps> or ddpm<steps>, e.g. ddim10")
+    return match.group(1), int(match.group(2))
+
+
+def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int) -> dict[str, float]:
+    """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``."""
+    method, steps = parse_sampler(sampler)
+    params = SamplingParams(
+        method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False
+    )
+    net = model.build()
+    started = time.process_time()
+    drawn = draw_ensembles(net, data.images, data.cases["case_id"].to_numpy(), params, torch.device("cpu"))
+    cpu = time.process_time() - started
+    per_case = score_samples(drawn, data)
+    per_case["ged_minus_floor"] = per_case["ged"] - per_case["ged_floor"]
+    row = {"sampler": sampler, "cases": len(per_case)}
+    row.update({k: float(per_case[k].mean()) for k in COLUMNS if k in per_case})
+    row["masks_per_cpu_s"] = drawn.binary.size / (drawn.binary.shape[2] * drawn.binary.shape[3]) / cpu
+    row["masks_per_s"] = float(drawn.info["masks_per_second"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model.pt")
+    parser.add_argument("--aligned", default="data/03_primary/aligned", help="the aligned dataset folder")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--max-cases", type=int, default=32, help="the first K cases of the split")
+    parser.add_argument("--samplers", nargs="+", default=["ddim10", "ddim5"])
+    parser.add_argument("--samples", type=int, default=16, help="masks per case (N)")
+    parser.add_argument("--batch", type=int, default=16, help="rows per batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the table to this CSV")
+    args = parser.parse_args()
+    for sampler in args.samplers:
+        parse_sampler(sampler)
+    model = TrainedModel.load(args.model)
+    data = AlignedDataset(args.aligned).load().subset(args.split)
+    data = data.take(np.arange(min(args.max_cases, len(data))))
+    rows = [evaluate(model, data, s, args.samples, args.batch, args.seed) for s in args.samplers]
+    table = pd.DataFrame(rows)
+    print(f"{args.model} on the first {len(data)} {args.split} cases, N = {args.samples}, seed {args.seed}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.out:
+        table.to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
