@@ -74,6 +74,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "cimd_latent": {**COSINE, "model.variant": "cimd_latent"},
     "cimd_latent_lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent"},
     "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
+    # conf/base with every valid rater of an image in one step (training/rater_rows.py)
+    "all_raters": {"training.all_raters": True},
     "groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")

@@ -175,6 +175,9 @@ class TrainingParams(Strict):
     # probability 1/2: "width" mirrors the columns, "height" the rows; which anatomical direction
     # that is depends on the reader (docs/datasets.md, "Flips"); only where anatomy has no handedness
     flip_axes: list[Literal["width", "height"]] = []
+    # each step's rows are (image, rater) pairs covering every valid rater of the images drawn,
+    # instead of one rater drawn per image; same rows per step (training/rater_rows.py, docs/quality.md)
+    all_raters: bool = False
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True
     checkpoint_every: int = Field(250, ge=1)

@@ -3,9 +3,9 @@
 Every rank draws the same global batch and trains on its half; averaged gradients make the two
 processes follow the one-process trajectory (to float rounding: the gradient sum is split
 differently), and a checkpoint continues with another process count. The promise holds for every
-variant and for every switch that draws randomness (flips, self-conditioning, the latent, the
-baselines' latents and PHiSeg's batch norm): each is trained in 2 processes, all in one pair of
-spawned workers, and compared with one process.
+variant and for every switch that draws randomness (flips, every rater in a step, self-conditioning,
+the latent, the baselines' latents and PHiSeg's batch norm): each is trained in 2 processes, all in
+one pair of spawned workers, and compared with one process.
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ BASELINES = {"filters": [8, 16], "num_convs": 1, "latent_dim": 3, "phiseg_levels
 VARIANTS: dict[str, dict[str, typing.Any]] = {
     "cimd_aa+self_condition": {"variant": "cimd_aa", "self_condition": True},
     "cimd_fc": {"variant": "cimd_fc"},
+    "cimd_aa+all_raters": {"variant": "cimd_aa"},
     "cimd_latent+self_condition": {"variant": "cimd_latent", "self_condition": True},
     "ddpm_det": {"variant": "ddpm_det"},
     "ddpm_prob": {"variant": "ddpm_prob"},
     "prob_unet": {"variant": "prob_unet"},
     "phiseg": {"variant": "phiseg"},
 }
+
+# name -> training switches besides the flips
+TRAINING = {"cimd_aa+all_raters": {"all_raters": True}}
 
 
 def variant_model(name: str) -> nn.Module:
@@ -53,8 +57,8 @@ def variant_model(name: str) -> nn.Module:
     return build_model(ModelParams.model_validate(block), 1)
 
 
-def variant_params(**kw) -> TrainingParams:
-    return params(max_steps=STEPS, checkpoint_every=STEPS, flip_axes=FLIP_AXES, **kw)
+def variant_params(name: str, **kw) -> TrainingParams:
+    return params(max_steps=STEPS, checkpoint_every=STEPS, flip_axes=FLIP_AXES, **TRAINING.get(name, {}), **kw)
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: float = 1e-3) -> None:
@@ -99,7 +103,7 @@ def _train_every_variant(rank: int, size: int, folder: Path, data: AlignedSet) -
     dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=size)
     try:
         for name in VARIANTS:
-            result = train(variant_model(name), data, variant_params(), folder / name / "last.pt", "fp",
+            result = train(variant_model(name), data, variant_params(name), folder / name / "last.pt", "fp",
                            Workers(rank, size, rank))
             if rank == 0:
                 torch.save(asdict(result), folder / name / "result.pt")
@@ -118,7 +122,7 @@ def two_process_variants(data, tmp_path_factory):  # noqa: F811
 def test_every_variant_and_random_switch_follows_the_one_process_trajectory(
     name, data, tmp_path, two_process_variants  # noqa: F811
 ):
-    single = train(variant_model(name), data, variant_params(), tmp_path / "last.pt", "fp")
+    single = train(variant_model(name), data, variant_params(name), tmp_path / "last.pt", "fp")
     double = torch.load(two_process_variants / name / "result.pt", weights_only=True)
     double_state = load_checkpoint(two_process_variants / name / "last.pt")
     assert double["steps"] == STEPS

@@ -24,6 +24,9 @@ from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule
 # Training parameters that change the trajectory; max_steps, resume, logging and the process count
 # do not, so a run with more steps (or on more processes) continues the checkpoint of another.
 TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup", "flip_axes")
+# Trajectory switches added later, with their default: hashed only when set to something else, so
+# that adding one leaves the fingerprints (and checkpoints) of every run without it valid.
+LATER_SWITCHES = {"all_raters": False}
 
 # Bytes hashed per chunk by default: memory-mapped arrays are read piecewise instead of copied whole.
 CHUNK_BYTES = 64 * 2**20
@@ -96,9 +99,10 @@ def run_fingerprint(model: ModelParams | dict[str, Any], training: TrainingParam
     ``model`` is the ``model`` block (validated or plain; hashed through `model_identity`),
     ``digest`` is `data_digest` of the train split.
     """
+    switched = {k: getattr(training, k) for k, default in LATER_SWITCHES.items() if getattr(training, k) != default}
     payload = {
         "model": model_identity(model),
-        "training": {k: getattr(training, k) for k in TRAJECTORY_KEYS},
+        "training": {**{k: getattr(training, k) for k in TRAJECTORY_KEYS}, **switched},
         "data": digest,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]

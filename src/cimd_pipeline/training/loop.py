@@ -39,6 +39,7 @@ from cimd_pipeline.training.augment import apply_flips, draw_flips
 from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.checkpoint import check_resumable, run_settings
 from cimd_pipeline.training.ema import EMA
+from cimd_pipeline.training.rater_rows import draw_rater_rows, one_rater
 
 logger = logging.getLogger(__name__)
 
@@ -270,11 +271,17 @@ def _train(
             checkpoint_path,
         )
 
+    rater_table = np.asarray(data.rater_valid, dtype=bool) if params.all_raters else None
     model.train()
     bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress or workers.rank > 0, desc="training", unit="step")
     while step < params.max_steps:
-        index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
-        image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
+        if rater_table is None:
+            index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
+            image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
+        else:
+            cases, raters = draw_rater_rows(rater_table, params.batch_size, indices)
+            image, masks, _ = _batch(data, cases[start:stop], device)
+            masks, valid = one_rater(masks, torch.from_numpy(raters[start:stop]).to(device))
         if params.flip_axes:
             flips = draw_flips(params.flip_axes, params.batch_size, indices)[start:stop]
             image, masks = apply_flips(image, masks, flips, params.flip_axes)
