@@ -420,6 +420,11 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
     training = parsed.get("training")
     if isinstance(model, ModelParams) and isinstance(training, TrainingParams):
         problems.extend(deterministic_training_problems(model, training))
+        if training.all_raters and model.variant is Variant.DDPM_DET:
+            problems.append(
+                "training.all_raters: ddpm_det learns the mean of the raters' masks; one rater per row "
+                "would make it ddpm_prob. Set it to false (or use model.variant=ddpm_prob)"
+            )
     if isinstance(training, TrainingParams) and training.batch_size % training.num_processes:
         problems.append(
             f"training.batch_size: {training.batch_size} is not divisible by training.num_processes="

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
-from cimd_pipeline.config import TrainingParams
+from cimd_pipeline.config import TrainingParams, validate_parameters
+from cimd_pipeline.errors import ConfigError
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
 from cimd_pipeline.training.rater_rows import draw_rater_rows
@@ -67,3 +69,9 @@ def test_the_switch_is_off_by_default_and_retrains_when_set(data):  # noqa: F811
     assert TrainingParams().all_raters is False
     model, digest = {"variant": "cimd_aa"}, data_digest(data)
     assert run_fingerprint(model, params(all_raters=True), digest) != run_fingerprint(model, params(), digest)
+
+
+def test_the_mean_target_of_ddpm_det_refuses_the_switch():
+    with pytest.raises(ConfigError, match="training.all_raters: ddpm_det learns the mean"):
+        validate_parameters({"model": {"variant": "ddpm_det"}, "training": {"all_raters": True}})
+    validate_parameters({"model": {"variant": "ddpm_prob"}, "training": {"all_raters": True}})
