@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cimd_pipeline.data.alignment import binary_kind
 from cimd_pipeline.data.readers.common import natural_key
 from cimd_pipeline.errors import DataError
 
@@ -68,13 +69,12 @@ def _binary(values: np.ndarray, threshold: float | None, source: object) -> np.n
         raise DataError(source, "samples contain NaN or infinite values")
     if threshold is not None:
         return (values > threshold).astype(np.uint8)
-    if values.dtype == bool:
+    kind = binary_kind(values)
+    if kind == "01":
         return values.astype(np.uint8)
-    kinds = np.unique(values)
-    if np.isin(kinds, (0, 1)).all():
-        return values.astype(np.uint8)
-    if np.isin(kinds, (0, 255)).all():
+    if kind == "0255":
         return (values > 127).astype(np.uint8)
+    kinds = np.unique(values)
     shown = ", ".join(f"{v:g}" for v in kinds[:6])
     raise DataError(
         source,
