@@ -77,6 +77,13 @@ CONFIGS: dict[str, dict[str, object]] = {
     # conf/base with every valid rater of an image in one step (training/rater_rows.py)
     "all_raters": {"training.all_raters": True},
     "groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4},
+    # conf/base against overfitting (docs/quality.md, "Against overfitting"): a learning rate that
+    # warms up and decays to 0 by the last step, alone and at twice the peak; a random gain and offset
+    # of each image; AdamW's decoupled weight decay
+    "lr_cosine": {"training.lr_schedule": "cosine", "training.warmup_steps": 100},
+    "lr_cosine_2e-3": {"training.lr_schedule": "cosine", "training.warmup_steps": 100, "training.lr": 2e-3},
+    "intensity": {"training.intensity_scale": 0.1, "training.intensity_shift": 0.1},
+    "weight_decay_0.05": {"training.weight_decay": 0.05},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

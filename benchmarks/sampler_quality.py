@@ -1,6 +1,6 @@
 """Quality and cost of a trained model under several samplers, on the first K cases of a split.
 
-For each sampler (``ddim10``, ``ddpm10``, ``ddim5`` ...) draws ``--samples`` masks per case with
+For each sampler (``ddim10``, ``ddpm10``, ``ddim5``, ``ddim5+bf16`` for bfloat16 autocast ...) draws ``--samples`` masks per case with
 the pipeline's own code (`cimd_pipeline.ensembles.draw_ensembles`) and scores them as the
 evaluation pipeline does (`cimd_pipeline.scoring`): GED, the perfect-sampler floor for the N
 drawn and GED − floor, HM-IoU, Dice_max and CI (both readings: ``ci`` and ``ci_var``, docs/metrics.md), with masks per CPU-second of this
@@ -30,19 +30,21 @@ from cimd_pipeline.scoring import score_samples
 COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "ci_var")
 
 
-def parse_sampler(name: str) -> tuple[str, int]:
-    """``ddim10`` -> ("ddim", 10)."""
-    match = re.fullmatch(r"(ddim|ddpm)(\d+)", name)
+def parse_sampler(name: str) -> tuple[str, int, bool]:
+    """``ddim10`` -> ("ddim", 10, False); ``ddim5+bf16`` -> ("ddim", 5, True), bfloat16 autocast."""
+    match = re.fullmatch(r"(ddim|ddpm)(\d+)(\+bf16)?", name)
     if not match:
-        raise argparse.ArgumentTypeError(f"{name!r}: expected ddim<steps> or ddpm<steps>, e.g. ddim10")
-    return match.group(1), int(match.group(2))
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: expected ddim<steps> or ddpm<steps>, optionally +bf16, e.g. ddim10 or ddim5+bf16"
+        )
+    return match.group(1), int(match.group(2)), bool(match.group(3))
 
 
 def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int) -> dict[str, float]:
     """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``."""
-    method, steps = parse_sampler(sampler)
+    method, steps, bf16 = parse_sampler(sampler)
     params = SamplingParams(
-        method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False
+        method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False, bf16=bf16
     )
     net = model.build()
     started = time.process_time()

@@ -178,6 +178,16 @@ class TrainingParams(Strict):
     # each step's rows are (image, rater) pairs covering every valid rater of the images drawn,
     # instead of one rater drawn per image; same rows per step (training/rater_rows.py, docs/quality.md)
     all_raters: bool = False
+    # the learning rate over the run (training/schedule.py): constant or cosine decay to
+    # min_lr_ratio * lr at max_steps, after a linear warm-up of warmup_steps (0: none)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    # intensity augmentation of the image (not the masks): each example's image becomes
+    # (1 + s) * image + o, s uniform in [-intensity_scale, intensity_scale] and o in
+    # [-intensity_shift, intensity_shift], in units of the normalised image (training/augment.py)
+    intensity_scale: float = Field(0.0, ge=0, lt=1)
+    intensity_shift: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True
     checkpoint_every: int = Field(250, ge=1)
@@ -190,6 +200,20 @@ class TrainingParams(Strict):
     progress: bool = True
     # data-parallel worker processes on this machine (one per GPU; gloo on the CPU), docs/scaling.md
     num_processes: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _schedule_fits_the_run(self) -> "TrainingParams":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"training.warmup_steps={self.warmup_steps} leaves no step at the full learning rate "
+                f"in max_steps={self.max_steps}: use fewer warm-up steps"
+            )
+        if self.min_lr_ratio > 0 and self.lr_schedule != "cosine":
+            raise ValueError(
+                f"training.min_lr_ratio={self.min_lr_ratio} is the end of the cosine decay; "
+                f"lr_schedule={self.lr_schedule!r} never reads it: set lr_schedule: cosine or leave it at 0"
+            )
+        return self
 
     @field_validator("flip_axes", mode="before")
     @classmethod
@@ -223,6 +247,10 @@ class SamplerSettings(Strict):
     batch_size: int = Field(256, ge=1)
     seed: int = 0
     progress: bool = True
+    # the networks in bfloat16 autocast while sampling (the sampler's own maths stays float32): on
+    # a CPU with AMX or AVX-512 BF16 about 1.5x more masks per CPU-second at the quality measured in
+    # docs/lidc.md ("Sampling speed"); slower on a CPU without them
+    bf16: bool = False
 
     @field_validator("steps")
     @classmethod

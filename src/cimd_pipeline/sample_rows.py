@@ -11,6 +11,7 @@ every batch alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ def draw_rows(
     index = flat // n - first_image
     seeds = [stream_seed(params.seed, str(keys[i]), int(k)) for i, k in zip(index, flat % n)]
     batch = torch.from_numpy(np.asarray(images[index], dtype=np.float32)).to(device)
-    with torch.no_grad():
+    precision = torch.autocast(device.type, dtype=torch.bfloat16) if params.bf16 else nullcontext()
+    with torch.no_grad(), precision:
         out = net.sample(batch, params, RowGenerators(seeds, device))[:, 0].float()
     finite = torch.isfinite(out).flatten(1).all(1).cpu().numpy()
     if not finite.all():

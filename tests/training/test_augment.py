@@ -5,7 +5,7 @@ import torch
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.alignment import slice_volume
-from cimd_pipeline.training.augment import apply_flips, draw_flips
+from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_flips, draw_intensity
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
 from tests.data.readers.test_nifti import AFFINE, SHAPE, modality, read, save
@@ -111,3 +111,49 @@ def test_on_an_axial_nifti_slice_height_flips_left_right_and_width_anterior_post
     flipped = {axis: apply_flips(image, masks, yes, [axis])[1][0, 0] for axis in ("width", "height")}
     assert _side(flipped["height"]) == ("left", "anterior")
     assert _side(flipped["width"]) == ("right", "posterior")
+
+
+def test_intensity_changes_scale_and_shift_each_image_within_its_bounds_and_never_the_masks(data, tmp_path):  # noqa: F811
+    changes = draw_intensity(0.2, 0.5, 4000, torch.Generator().manual_seed(2))
+    assert changes.shape == (4000, 2) and changes.dtype == torch.float32
+    assert changes[:, 0].abs().max() <= 0.2 and changes[:, 1].abs().max() <= 0.5
+    assert changes[:, 0].abs().max() > 0.19 and changes[:, 1].abs().max() > 0.49  # uniform over the range
+    assert abs(changes.mean().item()) < 0.02 and abs(torch.corrcoef(changes.T)[0, 1].item()) < 0.05
+    image = torch.randn(2, 3, 4, 4)
+    out = apply_intensity(image, torch.tensor([[0.1, -0.5], [0.0, 0.25]]))
+    assert torch.allclose(out[0], 1.1 * image[0] - 0.5) and torch.allclose(out[1], image[1] + 0.25)
+
+    images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks)
+    seen = []
+    net = fresh()
+    losses = net.losses
+
+    def spy(image, batch_masks, valid, generator):
+        for one, one_masks in zip(image, batch_masks):
+            # the case is the one whose masks these are; its image went through gain and offset
+            case = next(i for i in range(len(masks)) if torch.equal(one_masks, masks[i]))
+            plain = images[case]
+            gain = ((one - one.mean()) * (plain - plain.mean())).sum() / ((plain - plain.mean()) ** 2).sum()
+            offset = (one - gain * plain).mean()
+            assert torch.allclose(one, gain * plain + offset, atol=1e-5)
+            seen.append((gain.item() - 1, offset.item()))
+        return losses(image, batch_masks, valid, generator)
+
+    net.losses = spy
+    full = train(net, data, params(intensity_scale=0.3, intensity_shift=0.4), tmp_path / "a" / "last.pt", "fp")
+    gains, offsets = zip(*seen)
+    assert max(map(abs, gains)) <= 0.3 + 1e-5 and max(map(abs, offsets)) <= 0.4 + 1e-5
+    assert max(map(abs, gains)) > 0.05 and max(map(abs, offsets)) > 0.05  # both changes happen
+    train(fresh(), data, params(max_steps=3, intensity_scale=0.3, intensity_shift=0.4), tmp_path / "b" / "last.pt", "fp")
+    resumed = train(fresh(), data, params(intensity_scale=0.3, intensity_shift=0.4), tmp_path / "b" / "last.pt", "fp")
+    for key, value in full.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[key]), key
+
+
+def test_intensity_changes_are_part_of_the_run_fingerprint_and_their_absence_changes_nothing(data):  # noqa: F811
+    model, digest = {"variant": "cimd_aa"}, data_digest(data)
+    fingerprints = {run_fingerprint(model, params(**kw), digest) for kw in (
+        {}, {"intensity_scale": 0.1}, {"intensity_shift": 0.1}, {"intensity_scale": 0.1, "intensity_shift": 0.1})}
+    assert len(fingerprints) == 4
+    with pytest.raises(ValueError, match="intensity_scale"):
+        TrainingParams(intensity_scale=1.0)  # a gain of zero would blank the image

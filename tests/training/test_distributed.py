@@ -48,7 +48,8 @@ VARIANTS: dict[str, dict[str, typing.Any]] = {
 }
 
 # name -> training switches besides the flips
-TRAINING = {"cimd_aa+all_raters": {"all_raters": True}}
+TRAINING = {"cimd_aa+all_raters": {"all_raters": True, "intensity_scale": 0.2, "intensity_shift": 0.3,
+                                    "lr_schedule": "cosine", "warmup_steps": 1}}
 
 
 def variant_model(name: str) -> nn.Module:

@@ -21,12 +21,15 @@ from cimd_pipeline.config import ModelParams, TrainingParams, Variant
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule
 
-# Training parameters that change the trajectory; max_steps, resume, logging and the process count
-# do not, so a run with more steps (or on more processes) continues the checkpoint of another.
+# Training parameters that change the trajectory; max_steps (unless the learning rate decays towards
+# it), resume, logging and the process count do not, so a run with more steps (or on more processes)
+# continues the checkpoint of another.
 TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup", "flip_axes")
 # Trajectory switches added later, with their default: hashed only when set to something else, so
 # that adding one leaves the fingerprints (and checkpoints) of every run without it valid.
-LATER_SWITCHES = {"all_raters": False}
+LATER_SWITCHES = {
+    "all_raters": False, "lr_schedule": "constant", "warmup_steps": 0, "intensity_scale": 0.0, "intensity_shift": 0.0,
+}
 
 # Bytes hashed per chunk by default: memory-mapped arrays are read piecewise instead of copied whole.
 CHUNK_BYTES = 64 * 2**20
@@ -100,6 +103,8 @@ def run_fingerprint(model: ModelParams | dict[str, Any], training: TrainingParam
     ``digest`` is `data_digest` of the train split.
     """
     switched = {k: getattr(training, k) for k, default in LATER_SWITCHES.items() if getattr(training, k) != default}
+    if training.lr_schedule != "constant":  # a decay's every rate depends on where it ends
+        switched.update(min_lr_ratio=training.min_lr_ratio, max_steps=training.max_steps)
     payload = {
         "model": model_identity(model),
         "training": {**{k: getattr(training, k) for k in TRAJECTORY_KEYS}, **switched},

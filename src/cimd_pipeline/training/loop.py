@@ -35,11 +35,12 @@ from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models import draws
 from cimd_pipeline.processes import Workers
-from cimd_pipeline.training.augment import apply_flips, draw_flips
+from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_flips, draw_intensity
 from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.checkpoint import check_resumable, run_settings
 from cimd_pipeline.training.ema import EMA
 from cimd_pipeline.training.rater_rows import draw_rater_rows, one_rater
+from cimd_pipeline.training.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,9 @@ def _train(
         if params.flip_axes:
             flips = draw_flips(params.flip_axes, params.batch_size, indices)[start:stop]
             image, masks = apply_flips(image, masks, flips, params.flip_axes)
+        if params.intensity_scale or params.intensity_shift:
+            changes = draw_intensity(params.intensity_scale, params.intensity_shift, params.batch_size, indices)
+            image = apply_intensity(image, changes[start:stop])
         with (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
             draws.batch_share(start, stop, params.batch_size),
@@ -292,6 +296,8 @@ def _train(
             terms = losses(image, masks, valid, generator)
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(step, params)
         optimiser.step()
         ema.update(model, step)
         step += 1
