@@ -148,7 +148,7 @@ def test_sample_set_holds_string_ids_float16_soft_values_and_what_was_run():
     assert samples.soft.shape == samples.binary.shape == (3, 3, 16, 16)
     info = dict(samples.info)
     seconds, rate = info.pop("seconds"), info.pop("masks_per_second")
-    assert info == {"method": "ddim", "steps": 4, "num_samples": 3, "seed": 0, "device": "cpu", "num_processes": 1}
+    assert info == {"method": "ddim", "steps": 4, "num_samples": 3, "seed": 0, "device": "cpu", "num_processes": 1, "bf16": False}
     assert 0 < seconds < 60 and rate == pytest.approx(9 / seconds)
     blank = draw_ensembles(SpyNet(), images, ids, params(), CPU)  # soft values exactly 0
     assert not blank.binary.any()  # a mask pixel is soft > 0, not >= 0

@@ -100,5 +100,6 @@ def draw_ensembles(
             "seed": params.seed,
             "device": str(device),
             "num_processes": processes,
+            "bf16": params.bf16,
         },
     )
