@@ -161,9 +161,41 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
     AlignedDataset(str(tmp_path / "aligned")).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
     out = run_script(project, "sampler_quality.py", "--model", str(PROJECT / "models/lidc_cpu_64/model.pt"),
                      "--aligned", str(tmp_path / "aligned"), "--split", "test", "--max-cases", "2",
-                     "--samplers", "ddim2", "ddpm2", "--samples", "2", "--out", str(tmp_path / "q.csv"))
+                     "--samplers", "ddim2", "ddpm2", "ddim2+bf16", "--samples", "2", "--out", str(tmp_path / "q.csv"))
     table = pd.read_csv(tmp_path / "q.csv")
-    assert list(table["sampler"]) == ["ddim2", "ddpm2"] and set(table["cases"]) == {2}
+    assert list(table["sampler"]) == ["ddim2", "ddpm2", "ddim2+bf16"] and set(table["cases"]) == {2}
+    assert abs(table["ged"][2] - table["ged"][0]) < 0.05  # bfloat16 draws the float32 masks to rounding
     assert (table["ged_minus_floor"] == table["ged"] - table["ged_floor"]).all()
     assert table[["hm_iou", "dice_max", "ci", "ci_var", "masks_per_cpu_s"]].notna().all().all()
     assert "on the first 2 test cases, N = 2" in out
+
+
+def _metrics(ged: float, hm_iou: float, floor: float = 0.16) -> dict[str, float]:
+    """An evaluation metrics.json's figures (the keys the evaluation pipeline writes)."""
+    return {"ged": ged, "ged_floor": floor, "ged_floor_100": 0.13, "hm_iou": hm_iou, "dice_max": 0.8, "ci": 0.6,
+            "ci_var": 0.65, "diversity_samples": 0.5, "diversity_raters": 0.4, "train_steps": 3000,
+            "train_seconds": 2500.0, "sampling_seconds": 1800.0, "test_cases": 3107, "num_samples": 16,
+            "ged_low95": ged - 0.01, "ged_high95": ged + 0.01}
+
+
+def test_lidc_seeds_tabulates_each_run_and_the_spread_between_them(project, tmp_path):
+    import json
+
+    paths = []
+    for seed, (ged, hm_iou) in enumerate([(0.30, 0.50), (0.32, 0.52), (0.34, 0.57)]):
+        path = tmp_path / f"seed{seed}" / "metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(_metrics(ged, hm_iou)))
+        paths.append(str(path))
+    out = run_script(project, "lidc_seeds.py", *paths, "--out", str(tmp_path / "seeds.csv"))
+    table = pd.read_csv(tmp_path / "seeds.csv").set_index("run")
+    assert list(table.index) == [*paths, "mean", "sd"]
+    assert table.loc["mean", "GED"] == pytest.approx(0.32) and table.loc["sd", "GED"] == pytest.approx(0.02)
+    assert table.loc["mean", "GED − floor"] == pytest.approx(0.16) and table.loc[paths[2], "GED − floor"] == pytest.approx(0.18)
+    assert table.loc["sd", "HM-IoU"] == pytest.approx(np.std([0.50, 0.52, 0.57], ddof=1))
+    assert "| mean | 3107 | 16 | 0.320 | 0.160 | 0.160 |" in out
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"ged": 0.3}))
+    proc = subprocess.run([sys.executable, str(PROJECT / "benchmarks/lidc_seeds.py"), paths[0], str(broken)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and f"{broken}: lacks ged_floor" in proc.stderr
