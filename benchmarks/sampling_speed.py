@@ -39,6 +39,7 @@ class Setting:
     channels_last: bool
     steps: int
     compiled: bool = False
+    bf16: bool = False
 
 
 def settings(steps: int, batch: int, compiled: bool) -> list[Setting]:
@@ -49,8 +50,9 @@ def settings(steps: int, batch: int, compiled: bool) -> list[Setting]:
     out.append(Setting("+ fused attention (SDPA)", batch, True, False, 10))
     out.append(Setting("+ channels_last weights", batch, True, True, 10))
     out.append(Setting(f"+ DDIM-{steps}", batch, True, True, steps))
+    out.append(Setting("+ bfloat16 autocast (sampling.bf16)", batch, True, True, steps, bf16=True))
     if compiled:
-        out.append(Setting("+ torch.compile", batch, True, True, steps, compiled=True))
+        out.append(Setting("+ torch.compile", batch, True, True, steps, compiled=True, bf16=True))
     return out
 
 
@@ -65,7 +67,8 @@ def configure(net: CIMD, setting: Setting) -> None:
 def timed_draw(net: CIMD, images: np.ndarray, setting: Setting, samples: int) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of drawing ``samples`` masks for each of ``images``."""
     params = SamplingParams(
-        method="ddim", steps=setting.steps, batch_size=setting.batch_size, num_samples=samples, progress=False
+        method="ddim", steps=setting.steps, batch_size=setting.batch_size, num_samples=samples, progress=False,
+        bf16=setting.bf16,
     )
     keys = [f"case-{i}" for i in range(len(images))]
     batches = row_batches(len(images) * samples, setting.batch_size)
