@@ -84,7 +84,7 @@ def test_card_quotes_the_figures_of_card_json():
     figures = card()
     for key in ("ged", "hm_iou", "dice_max"):
         assert f"{figures['fixture_slices'][key]:.3f}" in text, key
-        assert f"{figures['test_first_200'][key]:.3f}" in text, key
+        assert f"{figures['test_split'][key]:.3f}" in text, key
 
 
 def test_inference_pipeline_runs_the_shipped_model_without_training(tmp_path):
