@@ -9,7 +9,7 @@ from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_fl
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
 from tests.data.readers.test_nifti import AFFINE, SHAPE, modality, read, save
-from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
+from tests.training.test_loop import assert_resumes_exactly_and_changes_the_run, data, fresh, params  # noqa: F401
 
 
 def test_flips_turn_exactly_the_chosen_examples_along_the_chosen_axes_masks_with_their_image():
@@ -60,12 +60,7 @@ def test_training_sees_flipped_and_unflipped_copies_of_its_cases_and_resumes_exa
     net.losses = spy
     full = train(net, data, params(flip_axes=["width"]), tmp_path / "a" / "last.pt", "fp")
     assert seen["flipped"] >= 5 and seen["plain"] >= 5  # 24 examples, a coin each
-    train(fresh(), data, params(max_steps=3, flip_axes=["width"]), tmp_path / "b" / "last.pt", "fp")
-    resumed = train(fresh(), data, params(flip_axes=["width"]), tmp_path / "b" / "last.pt", "fp")
-    plain = train(fresh(), data, params(), tmp_path / "c" / "last.pt", "fp")
-    for key, value in full.ema_state.items():
-        assert torch.equal(value, resumed.ema_state[key]), key
-    assert any(not torch.equal(full.ema_state[k], plain.ema_state[k]) for k in full.ema_state)
+    assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, flip_axes=["width"])
 
 
 def test_flips_are_part_of_the_run_fingerprint(data):  # noqa: F811
@@ -144,10 +139,7 @@ def test_intensity_changes_scale_and_shift_each_image_within_its_bounds_and_neve
     gains, offsets = zip(*seen)
     assert max(map(abs, gains)) <= 0.3 + 1e-5 and max(map(abs, offsets)) <= 0.4 + 1e-5
     assert max(map(abs, gains)) > 0.05 and max(map(abs, offsets)) > 0.05  # both changes happen
-    train(fresh(), data, params(max_steps=3, intensity_scale=0.3, intensity_shift=0.4), tmp_path / "b" / "last.pt", "fp")
-    resumed = train(fresh(), data, params(intensity_scale=0.3, intensity_shift=0.4), tmp_path / "b" / "last.pt", "fp")
-    for key, value in full.ema_state.items():
-        assert torch.equal(value, resumed.ema_state[key]), key
+    assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, intensity_scale=0.3, intensity_shift=0.4)
 
 
 def test_intensity_changes_are_part_of_the_run_fingerprint_and_their_absence_changes_nothing(data):  # noqa: F811

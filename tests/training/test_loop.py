@@ -50,6 +50,17 @@ def params(**kw):
     return TrainingParams.model_validate({**base, **kw})
 
 
+def assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, **switches) -> None:
+    """A run with ``switches`` stopped at step 3 and resumed reaches the EMA weights of ``full`` (the
+    uninterrupted run with them) exactly, and those weights differ from a run without the switches."""
+    train(fresh(), data, params(max_steps=3, **switches), tmp_path / "b" / "last.pt", "fp")
+    resumed = train(fresh(), data, params(**switches), tmp_path / "b" / "last.pt", "fp")
+    plain = train(fresh(), data, params(), tmp_path / "c" / "last.pt", "fp")
+    for key, value in full.ema_state.items():
+        assert torch.equal(value, resumed.ema_state[key]), key
+    assert any(not torch.equal(full.ema_state[k], plain.ema_state[k]) for k in full.ema_state)
+
+
 # --- the loop's parts, each pinned on its own --------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
 from cimd_pipeline.training.schedule import learning_rate
-from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
+from tests.training.test_loop import assert_resumes_exactly_and_changes_the_run, data, fresh, params  # noqa: F401
 
 
 def rates(**kw) -> list[float]:
@@ -59,12 +59,7 @@ def test_the_optimiser_takes_each_steps_rate_and_a_decayed_run_resumes_exactly(d
     finally:
         torch.optim.AdamW.step = step
     assert seen == rates(max_steps=6, **cosine) and seen[0] == pytest.approx(5e-4) and seen[-1] == pytest.approx(2e-4)
-    train(fresh(), data, params(max_steps=3, **cosine), tmp_path / "b" / "last.pt", "fp")
-    resumed = train(fresh(), data, params(**cosine), tmp_path / "b" / "last.pt", "fp")
-    constant = train(fresh(), data, params(), tmp_path / "c" / "last.pt", "fp")
-    for key, value in full.ema_state.items():
-        assert torch.equal(value, resumed.ema_state[key]), key
-    assert any(not torch.equal(full.ema_state[k], constant.ema_state[k]) for k in full.ema_state)
+    assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, **cosine)
 
 
 def test_a_decay_is_fingerprinted_with_where_it_ends_and_the_constant_rate_is_not(data):  # noqa: F811
