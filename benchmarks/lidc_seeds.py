@@ -1,7 +1,7 @@
 """One table of an LIDC recipe over training seeds, from each seed's evaluation ``metrics.json``.
 
 Each seed is its own run of the recipe, training then sampling and evaluation, with the seed set
-for both (docs/lidc.md, "Three seeds"), in a project folder of its own so that the runs do not
+for both (docs/lidc.md, "Figures beside the published ones"), in a project folder of its own so that the runs do not
 share checkpoints or outputs. This script reads the ``data/08_reporting/metrics.json`` of each,
 prints one row per run and the mean ± standard deviation over runs (the spread between seeds,
 next to which the slice-bootstrap interval of one run is small), and writes the table as CSV with

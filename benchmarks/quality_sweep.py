@@ -77,7 +77,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     # conf/base with every valid rater of an image in one step (training/rater_rows.py)
     "all_raters": {"training.all_raters": True},
     "groups_4": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 4},
-    # conf/base against overfitting (docs/quality.md, "Against overfitting"): a learning rate that
+    # conf/base against overfitting (docs/quality.md, "The switches"): a learning rate that
     # warms up and decays to 0 by the last step, alone and at twice the peak; a random gain and offset
     # of each image; AdamW's decoupled weight decay
     "lr_cosine": {"training.lr_schedule": "cosine", "training.warmup_steps": 100},

@@ -296,8 +296,9 @@ def _train(
             terms = losses(image, masks, valid, generator)
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        rate = learning_rate(step, params)
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate(step, params)
+            group["lr"] = rate
         optimiser.step()
         ema.update(model, step)
         step += 1
