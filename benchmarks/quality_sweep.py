@@ -84,6 +84,9 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lr_cosine_2e-3": {"training.lr_schedule": "cosine", "training.warmup_steps": 100, "training.lr": 2e-3},
     "intensity": {"training.intensity_scale": 0.1, "training.intensity_shift": 0.1},
     "weight_decay_0.05": {"training.weight_decay": 0.05},
+    # dropout in every residual block of the U-Net while training (training/dropout.py, Ho et al. 2020)
+    "dropout_0.1": {"training.dropout": 0.1},
+    "dropout_0.3": {"training.dropout": 0.3},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

@@ -188,6 +188,9 @@ class TrainingParams(Strict):
     # [-intensity_shift, intensity_shift], in units of the normalised image (training/augment.py)
     intensity_scale: float = Field(0.0, ge=0, lt=1)
     intensity_shift: float = Field(0.0, ge=0)
+    # dropout before the second convolution of every residual block of the diffusion U-Net while
+    # training (Ho et al. 2020); training/dropout.py. 0: none
+    dropout: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True
     checkpoint_every: int = Field(250, ge=1)
@@ -448,6 +451,11 @@ def validate_parameters(params: dict[str, Any], running: Iterable[str] = ()) -> 
     training = parsed.get("training")
     if isinstance(model, ModelParams) and isinstance(training, TrainingParams):
         problems.extend(deterministic_training_problems(model, training))
+        if training.dropout and model.variant in (Variant.PROB_UNET, Variant.PHISEG):
+            problems.append(
+                f"training.dropout: acts in the diffusion U-Net's residual blocks, which "
+                f"{model.variant.value} does not have; set it to 0"
+            )
         if training.all_raters and model.variant is Variant.DDPM_DET:
             problems.append(
                 "training.all_raters: ddpm_det learns the mean of the raters' masks; one rater per row "

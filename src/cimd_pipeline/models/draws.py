@@ -55,6 +55,12 @@ def randn(shape: Sequence[int], generator: noise.Generator, device: torch.device
     return torch.randn(full, generator=generator, device=device, dtype=dtype)[rows]
 
 
+def rand(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniform draws in [0, 1), one row per example."""
+    full, rows = _global(shape)
+    return torch.rand(full, generator=generator, device=device)[rows]
+
+
 def randint(high: int, shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Integers in [0, high), one row per example."""
     full, rows = _global(shape)

@@ -38,6 +38,7 @@ from cimd_pipeline.processes import Workers
 from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_flips, draw_intensity
 from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.checkpoint import check_resumable, run_settings
+from cimd_pipeline.training.dropout import add_dropout
 from cimd_pipeline.training.ema import EMA
 from cimd_pipeline.training.rater_rows import draw_rater_rows, one_rater
 from cimd_pipeline.training.schedule import learning_rate
@@ -273,63 +274,69 @@ def _train(
         )
 
     rater_table = np.asarray(data.rater_valid, dtype=bool) if params.all_raters else None
-    model.train()
-    bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress or workers.rank > 0, desc="training", unit="step")
-    while step < params.max_steps:
-        if rater_table is None:
-            index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
-            image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
-        else:
-            cases, raters = draw_rater_rows(rater_table, params.batch_size, indices)
-            image, masks, _ = _batch(data, cases[start:stop], device)
-            masks, valid = one_rater(masks, torch.from_numpy(raters[start:stop]).to(device))
-        if params.flip_axes:
-            flips = draw_flips(params.flip_axes, params.batch_size, indices)[start:stop]
-            image, masks = apply_flips(image, masks, flips, params.flip_axes)
-        if params.intensity_scale or params.intensity_shift:
-            changes = draw_intensity(params.intensity_scale, params.intensity_shift, params.batch_size, indices)
-            image = apply_intensity(image, changes[start:stop])
-        with (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
-            draws.batch_share(start, stop, params.batch_size),
-        ):
-            terms = losses(image, masks, valid, generator)
-        optimiser.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        rate = learning_rate(step, params)
-        for group in optimiser.param_groups:
-            group["lr"] = rate
-        optimiser.step()
-        ema.update(model, step)
-        step += 1
-        window.add(terms)
-        log_due = step % params.log_every == 0 or step == params.max_steps
-        save_due = step % params.checkpoint_every == 0 or step == params.max_steps
-        if log_due or save_due:
-            kept = f"last checkpoint (step {saved_at}) kept" if saved_at else "no checkpoint written by this run"
-            values = window.read(read_at + 1, step, kept)
-            read_at = step
-            if log_due:
-                count = values.pop("count")
-                history.append({"step": step, **{k: v / count for k, v in values.items()}})
-                window.clear()
-                values = {}
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if save_due:
-                # one clock reading for the checkpoint and, at the last step, the result: a resumed
-                # run then continues from exactly the training time this run reports
-                seconds = seconds_before + time.perf_counter() - started
-                if workers.rank == 0:
-                    checkpoint(values, seconds)
-                saved_at = step
-        bar.update(1)
-    bar.close()
-    if step == resumed_from:  # nothing left to train: only the time of this call
-        seconds = seconds_before + time.perf_counter() - started
-    elapsed = seconds - seconds_before
-    logger.info(
-        "trained %d steps (%d new, %.1f s) on %s; %.1f s of training in all",
-        step, step - resumed_from, elapsed, device, seconds,
-    )
-    ema_state = {k: v.detach().cpu() for k, v in ema.shadow.state_dict().items()}
-    return TrainResult(ema_state, history, step, seconds, str(device), resumed_from)
+    # after the EMA copy, so the shadow that sampling uses has no hooks
+    dropout_hooks = add_dropout(model, params.dropout, generator) if params.dropout else []
+    try:
+        model.train()
+        bar = tqdm(total=params.max_steps, initial=step, disable=not params.progress or workers.rank > 0, desc="training", unit="step")
+        while step < params.max_steps:
+            if rater_table is None:
+                index = torch.randint(0, len(data), (params.batch_size,), generator=indices)
+                image, masks, valid = _batch(data, np.sort(index.numpy())[start:stop], device)
+            else:
+                cases, raters = draw_rater_rows(rater_table, params.batch_size, indices)
+                image, masks, _ = _batch(data, cases[start:stop], device)
+                masks, valid = one_rater(masks, torch.from_numpy(raters[start:stop]).to(device))
+            if params.flip_axes:
+                flips = draw_flips(params.flip_axes, params.batch_size, indices)[start:stop]
+                image, masks = apply_flips(image, masks, flips, params.flip_axes)
+            if params.intensity_scale or params.intensity_shift:
+                changes = draw_intensity(params.intensity_scale, params.intensity_shift, params.batch_size, indices)
+                image = apply_intensity(image, changes[start:stop])
+            with (
+                torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                draws.batch_share(start, stop, params.batch_size),
+            ):
+                terms = losses(image, masks, valid, generator)
+            optimiser.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            rate = learning_rate(step, params)
+            for group in optimiser.param_groups:
+                group["lr"] = rate
+            optimiser.step()
+            ema.update(model, step)
+            step += 1
+            window.add(terms)
+            log_due = step % params.log_every == 0 or step == params.max_steps
+            save_due = step % params.checkpoint_every == 0 or step == params.max_steps
+            if log_due or save_due:
+                kept = f"last checkpoint (step {saved_at}) kept" if saved_at else "no checkpoint written by this run"
+                values = window.read(read_at + 1, step, kept)
+                read_at = step
+                if log_due:
+                    count = values.pop("count")
+                    history.append({"step": step, **{k: v / count for k, v in values.items()}})
+                    window.clear()
+                    values = {}
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+                if save_due:
+                    # one clock reading for the checkpoint and, at the last step, the result: a resumed
+                    # run then continues from exactly the training time this run reports
+                    seconds = seconds_before + time.perf_counter() - started
+                    if workers.rank == 0:
+                        checkpoint(values, seconds)
+                    saved_at = step
+            bar.update(1)
+        bar.close()
+        if step == resumed_from:  # nothing left to train: only the time of this call
+            seconds = seconds_before + time.perf_counter() - started
+        elapsed = seconds - seconds_before
+        logger.info(
+            "trained %d steps (%d new, %.1f s) on %s; %.1f s of training in all",
+            step, step - resumed_from, elapsed, device, seconds,
+        )
+        ema_state = {k: v.detach().cpu() for k, v in ema.shadow.state_dict().items()}
+        return TrainResult(ema_state, history, step, seconds, str(device), resumed_from)
+    finally:
+        for hook in dropout_hooks:
+            hook.remove()
