@@ -2,8 +2,8 @@
 
 (a) sampling throughput (masks/s): the reference code's loop (one ensemble member at a time,
     batch 1, 1000 DDPM steps) against the pipeline's batched DDPM-1000 and DDIM-50/25/10;
-(b) training throughput (images/s): fp32 against bf16 autocast (CUDA only; on CPU it is shown
-    for information, since not every CPU has bf16 units);
+(b) training throughput (images/s): fp32 against bf16 autocast (``training.bf16`` on CUDA,
+    ``training.cpu_bf16`` on the CPU, where it pays only on CPUs with bf16 units: AMX, AVX-512 BF16);
 (c) metrics: vectorised GED + HM-IoU + CI for 16 samples x 4 raters over 1,000 cases against a
     per-pair Python loop;
 (d) Kedro + MLflow overhead: one training budget as a bare Python call and through ``kedro run``.
@@ -92,7 +92,7 @@ def training_figures(net: CIMD, size: int, device: torch.device, batch: int) -> 
 
     fp32 = batch / timed(lambda: step(False), repeat=5)
     bf16 = batch / timed(lambda: step(True), repeat=5)
-    note = "" if device.type == "cuda" else " (CPU: for information; the pipeline uses bf16 on CUDA only)"
+    note = "" if device.type == "cuda" else " (CPU: training.cpu_bf16)"
     print(f"(b) training step, batch {batch} at {size}x{size} on {device}{note}")
     print(f"    fp32: {fp32:.1f} images/s  1.0x")
     print(f"    bf16 autocast: {bf16:.1f} images/s  {bf16 / fp32:.2f}x")

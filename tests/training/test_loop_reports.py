@@ -138,8 +138,9 @@ def test_mismatched_model_or_ema_weights_name_the_checkpoint(data, tmp_path):
 
 
 def test_each_step_runs_under_the_runs_precision_and_determinism(data, tmp_path, monkeypatch):
-    """fp32 on the CPU: autocast is asked for bf16 but disabled; a run whose settings say bf16 gets
-    it enabled. Deterministic kernels are on during the steps exactly when asked for."""
+    """fp32 on the CPU: autocast is asked for bf16 but disabled (``training.bf16`` is CUDA's); with
+    ``training.cpu_bf16`` it is enabled and the checkpoint says so. Deterministic kernels are on
+    during the steps exactly when asked for."""
     calls = []
 
     def autocast(**kwargs):
@@ -151,11 +152,11 @@ def test_each_step_runs_under_the_runs_precision_and_determinism(data, tmp_path,
     train(fresh(), data, params(max_steps=2, deterministic=True), tmp_path / "b.pt", "fp")
     off = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
     assert calls == [{**off, "deterministic": False}] * 2 + [{**off, "deterministic": True}] * 2
-    settings = loop.run_settings
-    monkeypatch.setattr(loop, "run_settings", lambda *a: {**settings(*a), "precision": "bf16"})
     calls.clear()
-    train(fresh(), data, params(max_steps=1), tmp_path / "c.pt", "fp")
+    train(fresh(), data, params(max_steps=1, cpu_bf16=True), tmp_path / "c.pt", "fp")
     assert calls == [{**off, "enabled": True, "deterministic": False}]
+    assert load_checkpoint(tmp_path / "c.pt")["precision"] == "bf16"
+    assert load_checkpoint(tmp_path / "a.pt")["precision"] == "fp32"  # training.bf16 (true) is CUDA's
 
 
 def test_ema_decay_is_used_without_warmup(data, tmp_path):

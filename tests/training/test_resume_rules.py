@@ -15,7 +15,7 @@ from cimd_pipeline.io.torch_files import load_checkpoint, save_checkpoint
 from cimd_pipeline.training.fingerprint import data_digest
 from cimd_pipeline.training.loop import train
 from tests.models.test_cimd import tiny
-from tests.training.test_loop import data, fresh, params  # noqa: F401  (fixture)
+from tests.training.test_loop import assert_resumes_exactly_and_changes_the_run, data, fresh, params  # noqa: F401  (fixture)
 
 
 def aligned(seed: int = 0, normalisation: Normalisation = Normalisation.ZSCORE):
@@ -131,3 +131,11 @@ def test_deterministic_baseline_on_cuda_is_refused_before_the_run(monkeypatch, v
         validate_parameters({**config, "training": {"deterministic": True}})  # device auto picks CUDA
     validate_parameters({**config, "training": {"deterministic": True, "device": "cpu"}})
     validate_parameters({"model": {"variant": "cimd_aa"}, "training": config["training"]})
+
+
+def test_cpu_bf16_training_resumes_exactly_and_no_fp32_checkpoint_continues_under_it(data, tmp_path):  # noqa: F811
+    full = train(fresh(), data, params(cpu_bf16=True), tmp_path / "a" / "last.pt", "fp")
+    assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, cpu_bf16=True)
+    path = tmp_path / "c" / "last.pt"  # the fp32 run the helper trained
+    with pytest.raises(ValueError, match="checkpoint written with precision 'fp32', this run has 'bf16'"):
+        train(fresh(), data, params(max_steps=8, cpu_bf16=True), path, "fp")

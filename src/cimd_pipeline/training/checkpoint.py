@@ -22,9 +22,10 @@ CHECKPOINT_FORMAT = 3
 def run_settings(fingerprint: str, device: torch.device, params: Any) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it (stored in every checkpoint).
 
-    ``params`` is the validated ``training`` block; bf16 autocast applies on CUDA only.
+    ``params`` is the validated ``training`` block: bf16 autocast on CUDA with ``bf16``, on the CPU
+    with ``cpu_bf16``, never on other devices.
     """
-    bf16 = bool(params.bf16) and device.type == "cuda"
+    bf16 = (device.type == "cuda" and params.bf16) or (device.type == "cpu" and params.cpu_bf16)
     return {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
@@ -48,7 +49,7 @@ def check_resumable(state: dict[str, Any], settings: dict[str, Any], max_steps: 
     if state.get("fingerprint") != settings["fingerprint"]:
         raise ValueError(f"{path}: checkpoint belongs to another run configuration")
     differs = [
-        f"training.{'device' if key == 'device' else 'bf16'}: checkpoint written with {key} "
+        f"training.{'device' if key == 'device' else 'bf16 / training.cpu_bf16'}: checkpoint written with {key} "
         f"{state.get(key)!r}, this run has {settings[key]!r}"
         for key in ("device", "precision")
         if state.get(key) != settings[key]
@@ -57,7 +58,7 @@ def check_resumable(state: dict[str, Any], settings: dict[str, Any], max_steps: 
         raise ValueError(
             f"{path}: cannot resume on another device type or precision (the generator state and the "
             "numerics belong to them):\n  " + "\n  ".join(differs) + "\nrun it where it was written "
-            "(training.device, training.bf16) or set training.resume=false to train afresh"
+            "(training.device, training.bf16 or cpu_bf16) or set training.resume=false to train afresh"
         )
     step = int(state["step"])
     if step > max_steps:
