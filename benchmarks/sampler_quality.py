@@ -4,7 +4,7 @@ For each sampler (``ddim10``, ``ddpm10``, ``ddim5``, ``ddim5+bf16`` for bfloat16
 the pipeline's own code (`cimd_pipeline.ensembles.draw_ensembles`) and scores them as the
 evaluation pipeline does (`cimd_pipeline.scoring`): GED, the perfect-sampler floor for the N
 drawn and GED − floor, HM-IoU, Dice_max and CI (both readings: ``ci`` and ``ci_var``, docs/metrics.md), with masks per CPU-second of this
-process (robust to other work on a shared machine). Choose samplers on ``--split val``; report on
+process (robust to other work on a shared machine), and GED's three terms. Choose samplers on ``--split val``; report on
 the test split. docs/lidc.md, "Sampling speed" and "Fewer steps".
 
     OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --model models/lidc_cpu_64/model.pt \\
@@ -27,7 +27,10 @@ from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.scoring import score_samples
 
-COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "ci_var")
+# GED's terms (docs/metrics.md) beside the figures: ged = 2 ged_cross - diversity_samples - diversity_raters,
+# so a GED bought with samples more diverse than the raters shows
+COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "ci_var",
+           "ged_cross", "diversity_samples", "diversity_raters")
 
 
 def parse_sampler(name: str) -> tuple[str, int, bool]:

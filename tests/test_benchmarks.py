@@ -167,6 +167,8 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
     assert abs(table["ged"][2] - table["ged"][0]) < 0.05  # bfloat16 draws the float32 masks to rounding
     assert np.allclose(table["ged_minus_floor"], table["ged"] - table["ged_floor"], rtol=0, atol=1e-12)
     assert table[["hm_iou", "dice_max", "ci", "ci_var", "masks_per_cpu_s"]].notna().all().all()
+    terms = 2 * table["ged_cross"] - table["diversity_samples"] - table["diversity_raters"]
+    assert np.allclose(terms, table["ged"], atol=1e-9) and (table["diversity_raters"] > 0).all()
     assert "on the first 2 test cases, N = 2" in out
 
 
