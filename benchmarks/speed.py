@@ -11,6 +11,7 @@ Long baselines are timed over a few steps and extrapolated (said so in the outpu
 
     python benchmarks/speed.py                 # the conf/base model at its image size
     python benchmarks/speed.py --lidc          # the reference-size UNet at 128x128
+    python benchmarks/speed.py --env lidc_cpu --parts b   # training only, the LIDC CPU recipe (64x64)
 """
 
 from __future__ import annotations
@@ -90,12 +91,19 @@ def training_figures(net: CIMD, size: int, device: torch.device, batch: int) -> 
         loss.backward()
         opt.step()
 
+    def cpu_seconds(bf16: bool) -> float:  # per step, robust to other work on a shared machine
+        started = time.process_time()
+        timed(lambda: step(bf16), repeat=5)
+        return (time.process_time() - started) / 6
+
+    cpu = {bf16: cpu_seconds(bf16) for bf16 in (False, True)}
     fp32 = batch / timed(lambda: step(False), repeat=5)
     bf16 = batch / timed(lambda: step(True), repeat=5)
     note = "" if device.type == "cuda" else " (CPU: training.cpu_bf16)"
     print(f"(b) training step, batch {batch} at {size}x{size} on {device}{note}")
-    print(f"    fp32: {fp32:.1f} images/s  1.0x")
-    print(f"    bf16 autocast: {bf16:.1f} images/s  {bf16 / fp32:.2f}x")
+    print(f"    fp32: {fp32:.1f} images/s  1.0x  ({cpu[False]:.3f} CPU-s a step)")
+    print(f"    bf16 autocast: {bf16:.1f} images/s  {bf16 / fp32:.2f}x  ({cpu[True]:.3f} CPU-s a step, "
+          f"{cpu[False] / cpu[True]:.2f}x)")
 
 
 def loop_metrics(samples: np.ndarray, raters: np.ndarray) -> tuple[float, float, float]:
@@ -163,13 +171,15 @@ def overhead_figures(model: ModelParams, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lidc", action="store_true", help="use conf/lidc's model and image size")
+    parser.add_argument("--lidc", action="store_true", help="use conf/lidc's model and image size (--env lidc)")
+    parser.add_argument("--env", default="base", help="conf/<env> over conf/base for the model and image size")
+    parser.add_argument("--parts", default="abcd", help="which figures: any of a, b, c, d")
     parser.add_argument("--cases", type=int, default=16, help="cases sampled together in (a)")
     parser.add_argument("--probe-steps", type=int, default=20, help="steps timed for extrapolated loops")
     parser.add_argument("--overhead-steps", type=int, default=100, help="training steps for (d); 0 skips")
     args = parser.parse_args()
-    env = "lidc" if args.lidc else "base"
-    model_block = {**conf_block("training")["model"], **conf_block("training", env).get("model", {})} if args.lidc else conf_block("training")["model"]
+    env = "lidc" if args.lidc else args.env
+    model_block = {**conf_block("training")["model"], **(conf_block("training", env).get("model") or {})}
     model = ModelParams.model_validate(model_block)
     size = AlignmentParams.model_validate(
         conf_block("mask_alignment", env).get("alignment", conf_block("mask_alignment")["alignment"])
@@ -180,10 +190,13 @@ def main() -> None:
           f"model {model.variant.value}, UNet {list(model.unet.channels)}, image {size}x{size}")
     torch.manual_seed(0)
     net = CIMD(model, 1).to(device).eval()
-    sampling_figures(net, size, device, args.cases, args.probe_steps)
-    training_figures(net.train(), size, device, batch=16)
-    metric_figures(size, device)
-    if args.overhead_steps and not args.lidc:
+    if "a" in args.parts:
+        sampling_figures(net, size, device, args.cases, args.probe_steps)
+    if "b" in args.parts:
+        training_figures(net.train(), size, device, batch=16)
+    if "c" in args.parts:
+        metric_figures(size, device)
+    if "d" in args.parts and args.overhead_steps and env == "base":
         overhead_figures(model, args.overhead_steps)
 
 

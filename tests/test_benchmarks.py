@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,15 @@ def test_sampling_speed_prints_each_change_and_the_profile(project):
     assert all(rate > 0 for rate in rates)
     assert rates[-2] > rates[-3]  # 2 steps instead of 10 cost less per mask
     assert "convolution" in out and "other (sampler maths, noise, Python)" in out
+
+
+def test_speed_times_training_of_a_conf_environment_in_fp32_and_bf16_only_when_asked(project):
+    out = run_script(project, "speed.py", "--env", "lidc_cpu", "--parts", "b", env={"OMP_NUM_THREADS": "1"})
+    assert "UNet [16, 32, 32], image 64x64" in out  # conf/lidc_cpu's size over conf/base's network
+    assert "(b) training step, batch 16 at 64x64 on cpu (CPU: training.cpu_bf16)" in out
+    cpu = [float(v) for v in re.findall(r"\(([0-9.]+) CPU-s a step", out)]
+    assert len(cpu) == 2 and all(v > 0 for v in cpu)
+    assert "(a)" not in out and "(c)" not in out and "(d)" not in out
 
 
 def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tmp_path):

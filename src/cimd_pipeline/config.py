@@ -199,8 +199,8 @@ class TrainingParams(Strict):
     resume: bool = True
     device: Device = "auto"
     bf16: bool = True
-    # bf16 autocast on the CPU too: 1.38x the steps per CPU-second on a Xeon with AMX (docs/quality.md,
-    # "Defaults"); off by default, since a CPU without native bf16 runs it slower
+    # bf16 autocast on the CPU too: 1.4x the steps per CPU-second at 64x64 on a Xeon with AMX
+    # (benchmarks/speed.py --parts b); off by default, since a CPU without native bf16 runs it slower
     cpu_bf16: bool = False
     deterministic: bool = False
     progress: bool = True
