@@ -182,6 +182,39 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
     assert "on the first 2 test cases, N = 2" in out
 
 
+def test_readers_drawn_groups_the_per_case_figures_by_how_many_raters_drew(project, tmp_path):
+    from cimd_pipeline.io.aligned_dataset import AlignedDataset
+    from cimd_pipeline.pipelines.data_ingestion.nodes import ingest_cases
+    from cimd_pipeline.pipelines.mask_alignment.nodes import align_dataset
+
+    cases = ingest_cases({"source": "lidc", "root": str(PROJECT / "tests/fixtures/lidc_slices"), "reader": {"layout": "slices"}})
+    split = {"train": 0.0, "val": 0.0, "test": 1.0}
+    AlignedDataset(str(tmp_path / "aligned")).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
+    data = AlignedDataset(str(tmp_path / "aligned")).load()
+    drew = [sum(bool(m.any()) for m, v in zip(masks, valid) if v) for masks, valid in zip(data.masks, data.rater_valid)]
+    assert len(set(drew)) > 1  # the fixture has slices that some readers left empty
+    figures = ["ged", "ged_floor", "ged_cross", "diversity_samples", "diversity_raters", "hm_iou"]
+    per_case = pd.DataFrame({"case_id": data.cases["case_id"][::-1].to_numpy()})  # any order
+    for i, name in enumerate(figures):
+        per_case[name] = np.arange(len(per_case)) * 0.01 + i
+    per_case.to_csv(tmp_path / "per_case.csv", index=False)
+    out = run_script(project, "readers_drawn.py", "--per-case", str(tmp_path / "per_case.csv"),
+                     "--aligned", str(tmp_path / "aligned"), "--out", str(tmp_path / "groups.csv"))
+    table = pd.read_csv(tmp_path / "groups.csv", dtype={"raters": str, "drew": str})
+    expected = per_case.assign(drew=pd.Series(drew, index=data.cases["case_id"]).loc[per_case["case_id"]].to_numpy())
+    for count, part in expected.groupby("drew"):
+        row = table[(table["drew"] == str(count)) & (table["raters"] == "4")].iloc[0]
+        assert row["cases"] == len(part) and row["ged"] == pytest.approx(part["ged"].mean())
+        assert row["hm_iou"] == pytest.approx(part["hm_iou"].mean())
+    total = table[table["drew"] == "all"].iloc[0]
+    assert total["cases"] == len(per_case) and total["diversity_raters"] == pytest.approx(per_case["diversity_raters"].mean())
+    assert "| raters | drew | cases | ged |" in out
+    per_case.drop(columns=["ged_cross"]).to_csv(tmp_path / "bad.csv", index=False)
+    proc = subprocess.run([sys.executable, str(PROJECT / "benchmarks/readers_drawn.py"), "--per-case", str(tmp_path / "bad.csv"),
+                           "--aligned", str(tmp_path / "aligned")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "bad.csv: lacks ged_cross" in proc.stderr
+
+
 def _metrics(ged: float, hm_iou: float, floor: float = 0.16) -> dict[str, float]:
     """An evaluation metrics.json's figures (the keys the evaluation pipeline writes)."""
     return {"ged": ged, "ged_floor": floor, "ged_floor_100": 0.13, "hm_iou": hm_iou, "dice_max": 0.8, "ci": 0.6,
