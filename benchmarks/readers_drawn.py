@@ -20,6 +20,7 @@ import pandas as pd
 from _kedro import markdown_table
 
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
+from cimd_pipeline.scoring import rows_for
 
 FIGURES = ("ged", "ged_floor", "ged_cross", "diversity_samples", "diversity_raters", "hm_iou")
 
@@ -34,14 +35,12 @@ def raters_drawing(masks: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np
 
 def group_table(per_case: pd.DataFrame, aligned) -> pd.DataFrame:
     """Mean figures and case count per (raters, raters who drew); the cases of ``per_case`` only."""
-    position = pd.Series(np.arange(len(aligned)), index=aligned.cases["case_id"].to_numpy())
-    missing = sorted(set(per_case["case_id"]) - set(position.index))
-    if missing:
-        raise SystemExit(f"{len(missing)} scored cases are not in the aligned dataset, e.g. {missing[:3]}")
-    rows = np.sort(position.loc[per_case["case_id"]].to_numpy())
+    try:
+        rows = rows_for(per_case["case_id"].to_numpy(), aligned)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     raters, drew = raters_drawing(aligned.masks[rows], aligned.rater_valid[rows])
-    counts = pd.DataFrame({"raters": raters, "drew": drew}, index=aligned.cases["case_id"].to_numpy()[rows])
-    table = per_case.join(counts, on="case_id")
+    table = per_case.assign(raters=raters, drew=drew)
     grouped = table.groupby(["raters", "drew"])
     out = grouped[list(FIGURES)].mean().assign(cases=grouped.size()).reset_index()
     total = table[list(FIGURES)].mean().to_frame().T.assign(raters="all", drew="all", cases=len(table))

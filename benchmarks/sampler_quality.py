@@ -27,9 +27,9 @@ from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.models.trained import TrainedModel
 from cimd_pipeline.scoring import score_samples
 
-# GED's terms (docs/metrics.md) beside the figures: ged = 2 ged_cross - diversity_samples - diversity_raters,
-# so a GED bought with samples more diverse than the raters shows
-# and, on data with a known rater model (the synthetic benchmark), the oracle's GED and terms
+# GED's terms beside the figures (ged = 2 ged_cross - diversity_samples - diversity_raters, docs/metrics.md),
+# so that a GED bought with samples more diverse than the raters shows; the oracle's GED and terms
+# where the data has a known rater model (the synthetic benchmark)
 COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "ci_var",
            "ged_cross", "diversity_samples", "diversity_raters", "ged_oracle", "ged_cross_oracle", "diversity_oracle")
 

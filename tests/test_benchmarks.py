@@ -160,15 +160,21 @@ def test_speed_times_training_of_a_conf_environment_in_fp32_and_bf16_only_when_a
     assert "(a)" not in out and "(c)" not in out and "(d)" not in out
 
 
-def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tmp_path):
+def lidc_fixture_aligned(folder: Path):
+    """The LIDC slice fixture ingested and aligned at 64 x 64, every slice a test case, saved to
+    ``folder``; returns the aligned set."""
     from cimd_pipeline.io.aligned_dataset import AlignedDataset
     from cimd_pipeline.pipelines.data_ingestion.nodes import ingest_cases
     from cimd_pipeline.pipelines.mask_alignment.nodes import align_dataset
 
-    fixtures = PROJECT / "tests/fixtures/lidc_slices"
-    cases = ingest_cases({"source": "lidc", "root": str(fixtures), "reader": {"layout": "slices"}})
+    cases = ingest_cases({"source": "lidc", "root": str(PROJECT / "tests/fixtures/lidc_slices"), "reader": {"layout": "slices"}})
     split = {"train": 0.0, "val": 0.0, "test": 1.0}
-    AlignedDataset(str(tmp_path / "aligned")).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
+    AlignedDataset(str(folder)).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
+    return AlignedDataset(str(folder)).load()
+
+
+def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tmp_path):
+    lidc_fixture_aligned(tmp_path / "aligned")
     out = run_script(project, "sampler_quality.py", "--model", str(PROJECT / "models/lidc_cpu_64/model.pt"),
                      "--aligned", str(tmp_path / "aligned"), "--split", "test", "--max-cases", "2",
                      "--samplers", "ddim2", "ddpm2", "ddim2+bf16", "--samples", "2", "--out", str(tmp_path / "q.csv"))
@@ -183,14 +189,7 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
 
 
 def test_readers_drawn_groups_the_per_case_figures_by_how_many_raters_drew(project, tmp_path):
-    from cimd_pipeline.io.aligned_dataset import AlignedDataset
-    from cimd_pipeline.pipelines.data_ingestion.nodes import ingest_cases
-    from cimd_pipeline.pipelines.mask_alignment.nodes import align_dataset
-
-    cases = ingest_cases({"source": "lidc", "root": str(PROJECT / "tests/fixtures/lidc_slices"), "reader": {"layout": "slices"}})
-    split = {"train": 0.0, "val": 0.0, "test": 1.0}
-    AlignedDataset(str(tmp_path / "aligned")).save(align_dataset(cases, {"image_size": 64, "split": split}).collect())
-    data = AlignedDataset(str(tmp_path / "aligned")).load()
+    data = lidc_fixture_aligned(tmp_path / "aligned")
     drew = [sum(bool(m.any()) for m, v in zip(masks, valid) if v) for masks, valid in zip(data.masks, data.rater_valid)]
     assert len(set(drew)) > 1  # the fixture has slices that some readers left empty
     figures = ["ged", "ged_floor", "ged_cross", "diversity_samples", "diversity_raters", "hm_iou"]

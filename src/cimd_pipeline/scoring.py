@@ -36,7 +36,8 @@ PUBLISHED_N = (16, 100)
 FLOOR_COLUMNS = tuple(f"ged_floor_{k}" for k in PUBLISHED_N)
 
 
-def _rows_for(case_ids: np.ndarray, data: AlignedSet) -> np.ndarray:
+def rows_for(case_ids: np.ndarray, data: AlignedSet) -> np.ndarray:
+    """Row of each case id in ``data``; ValueError naming the ids it does not hold."""
     position = pd.Series(np.arange(len(data)), index=data.cases["case_id"].to_numpy())
     missing = [c for c in case_ids if c not in position.index]
     if missing:
@@ -51,7 +52,7 @@ def score_samples(
     and 100 samples (``ged_floor_16``, ``ged_floor_100``), ``ged_oracle`` where known, and
     ``ged16`` / ``ged100`` (GED of the first 16 / 100 samples) when at least `GED16_FROM`
     samples were drawn."""
-    rows = _rows_for(samples.case_ids, data)
+    rows = rows_for(samples.case_ids, data)
     n = samples.binary.shape[1]
     records: list[dict[str, Any]] = []
     for start in range(0, len(rows), chunk):
