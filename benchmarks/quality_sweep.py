@@ -87,6 +87,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     # dropout in every residual block of the U-Net while training (training/dropout.py, Ho et al. 2020)
     "dropout_0.1": {"training.dropout": 0.1},
     "dropout_0.3": {"training.dropout": 0.3},
+    # small turns, shifts and zooms of image and masks together (training/augment.py)
+    "affine": {"training.affine_rotation": 15.0, "training.affine_translation": 0.05, "training.affine_scaling": 0.1},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")
 _SAMPLER = re.compile(r"(ddpm|ddim)(\d+)(?:@(\d+))?")

@@ -188,6 +188,12 @@ class TrainingParams(Strict):
     # [-intensity_shift, intensity_shift], in units of the normalised image (training/augment.py)
     intensity_scale: float = Field(0.0, ge=0, lt=1)
     intensity_shift: float = Field(0.0, ge=0)
+    # small affine changes of each example, image and all its masks together (training/augment.py):
+    # a turn uniform in ±affine_rotation degrees, a shift along each axis uniform in
+    # ±affine_translation of the image side, a zoom uniform in 1 ± affine_scaling. 0: none
+    affine_rotation: float = Field(0.0, ge=0, le=180)
+    affine_translation: float = Field(0.0, ge=0, lt=0.5)
+    affine_scaling: float = Field(0.0, ge=0, lt=1)
     # dropout before the second convolution of every residual block of the diffusion U-Net while
     # training (Ho et al. 2020); training/dropout.py. 0: none
     dropout: float = Field(0.0, ge=0, lt=1)

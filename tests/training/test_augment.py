@@ -5,7 +5,9 @@ import torch
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.alignment import slice_volume
-from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_flips, draw_intensity
+import math
+
+from cimd_pipeline.training.augment import apply_affine, apply_flips, apply_intensity, draw_affine, draw_flips, draw_intensity
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
 from tests.data.readers.test_nifti import AFFINE, SHAPE, modality, read, save
@@ -149,3 +151,82 @@ def test_intensity_changes_are_part_of_the_run_fingerprint_and_their_absence_cha
     assert len(fingerprints) == 4
     with pytest.raises(ValueError, match="intensity_scale"):
         TrainingParams(intensity_scale=1.0)  # a gain of zero would blank the image
+
+
+def _image_and_masks(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn((2, 2, size, size), generator=generator)
+    masks = (torch.rand((2, 3, size, size), generator=generator) < 0.4).to(torch.uint8)
+    return image, masks
+
+
+def test_a_quarter_turn_and_whole_pixel_shifts_move_the_image_and_every_mask_alike():
+    image, masks = _image_and_masks()
+    turned, turned_masks = apply_affine(image, masks, torch.tensor([[math.pi / 2, 0, 0, 0], [-math.pi / 2, 0, 0, 0]]))
+    for i, k in enumerate((-1, 1)):  # opposite angles turn opposite ways
+        assert torch.allclose(turned[i], torch.rot90(image[i], k, (-2, -1)), atol=1e-5), i
+        assert torch.equal(turned_masks[i], torch.rot90(masks[i], k, (-2, -1))), i
+    assert turned_masks.dtype == torch.uint8
+
+    # 2 rows down for the first example, 1 column left for the second (a side is 8 pixels)
+    shifted, shifted_masks = apply_affine(image, masks, torch.tensor([[0, 2 / 8, 0, 0], [0, 0, -1 / 8, 0]]))
+    assert torch.allclose(shifted[0, :, 2:], image[0, :, :-2], atol=1e-5)
+    assert torch.allclose(shifted[0, :, :2], image[0, :, :1].expand(-1, 2, -1), atol=1e-5)  # the border repeated
+    assert torch.equal(shifted_masks[0, :, 2:], masks[0, :, :-2]) and not shifted_masks[0, :, :2].any()  # background
+    assert torch.allclose(shifted[1, :, :, :-1], image[1, :, :, 1:], atol=1e-5)
+    assert torch.equal(shifted_masks[1, :, :, :-1], masks[1, :, :, 1:]) and not shifted_masks[1, :, :, -1].any()
+
+    same, same_masks = apply_affine(image, masks, torch.zeros(2, 4))
+    assert torch.allclose(same, image, atol=1e-5) and torch.equal(same_masks, masks)
+
+
+def test_a_zoom_scales_a_mask_s_area_and_a_turn_keeps_it():
+    masks = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
+    masks[:, :, 12:20, 12:20] = 1  # an 8 x 8 square about the centre
+    changes = torch.tensor([[0, 0, 0, 0.5], [0, 0, 0, -0.5], [math.radians(30), 0, 0, 0]])
+    _, moved = apply_affine(torch.zeros(3, 1, 32, 32), masks, changes)
+    areas = moved.sum((1, 2, 3)).float()
+    assert abs(areas[0] / 64 - 1.5**2) < 0.15 and abs(areas[1] / 64 - 0.5**2) < 0.1
+    assert abs(areas[2] / 64 - 1) < 0.1 and not torch.equal(moved[2], masks[2])
+    assert set(moved.unique().tolist()) <= {0, 1}
+
+
+def test_affine_draws_are_uniform_within_their_bounds_and_fixed_by_the_generator():
+    changes = draw_affine(15.0, 0.05, 0.1, 4000, torch.Generator().manual_seed(4))
+    assert changes.shape == (4000, 4) and changes.dtype == torch.float32
+    bounds = torch.tensor([math.radians(15.0), 0.05, 0.05, 0.1])
+    assert (changes.abs() <= bounds).all() and (changes.abs().amax(0) > 0.98 * bounds).all()
+    assert (changes.mean(0).abs() < 0.05 * bounds).all()
+    assert abs(torch.corrcoef(changes.T)[1, 2].item()) < 0.05  # the two shifts are drawn apart
+    assert torch.equal(changes, draw_affine(15.0, 0.05, 0.1, 4000, torch.Generator().manual_seed(4)))
+    assert not draw_affine(0.0, 0.0, 0.0, 8, torch.Generator().manual_seed(4)).any()
+
+
+def test_training_sees_moved_cases_with_binary_masks_and_resumes_exactly(data, tmp_path):  # noqa: F811
+    images = torch.from_numpy(data.images)
+    seen = {"moved": 0, "plain": 0}
+    net = fresh()
+    losses = net.losses
+
+    def spy(image, batch_masks, valid, generator):
+        assert set(batch_masks.unique().tolist()) <= {0, 1}
+        for one in image:
+            seen["plain" if any(torch.equal(one, i) for i in images) else "moved"] += 1
+        return losses(image, batch_masks, valid, generator)
+
+    net.losses = spy
+    switches = {"affine_rotation": 20.0, "affine_translation": 0.1, "affine_scaling": 0.2}
+    full = train(net, data, params(**switches), tmp_path / "a" / "last.pt", "fp")
+    assert seen["moved"] == sum(seen.values()) > 0  # every example is moved by some amount
+    assert_resumes_exactly_and_changes_the_run(full, data, tmp_path, **switches)
+
+
+def test_affine_changes_are_part_of_the_run_fingerprint_and_their_absence_changes_nothing(data):  # noqa: F811
+    model, digest = {"variant": "cimd_aa"}, data_digest(data)
+    fingerprints = {run_fingerprint(model, params(**kw), digest) for kw in (
+        {}, {"affine_rotation": 10.0}, {"affine_translation": 0.05}, {"affine_scaling": 0.1})}
+    assert len(fingerprints) == 4
+    assert run_fingerprint(model, params(affine_rotation=0.0), digest) == run_fingerprint(model, params(), digest)
+    for bad in ({"affine_rotation": 181.0}, {"affine_translation": 0.5}, {"affine_scaling": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainingParams(**bad)

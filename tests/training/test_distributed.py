@@ -3,7 +3,7 @@
 Every rank draws the same global batch and trains on its half; averaged gradients make the two
 processes follow the one-process trajectory (to float rounding: the gradient sum is split
 differently), and a checkpoint continues with another process count. The promise holds for every
-variant and for every switch that draws randomness (flips, every rater in a step, intensity changes, dropout,
+variant and for every switch that draws randomness (flips, every rater in a step, intensity and affine changes, dropout,
 self-conditioning, the latent, the baselines' latents and PHiSeg's batch norm) or varies the
 learning rate by step: each is trained in 2 processes, all in one pair of spawned workers, and
 compared with one process.
@@ -39,7 +39,7 @@ BASELINES = {"filters": [8, 16], "num_convs": 1, "latent_dim": 3, "phiseg_levels
 # name -> model block; every one trains with flips along every axis
 VARIANTS: dict[str, dict[str, typing.Any]] = {
     "cimd_aa+self_condition": {"variant": "cimd_aa", "self_condition": True},
-    "cimd_fc": {"variant": "cimd_fc"},
+    "cimd_fc+affine": {"variant": "cimd_fc"},
     "cimd_aa+all_raters+intensity+lr_cosine+dropout": {"variant": "cimd_aa"},
     "cimd_latent+self_condition": {"variant": "cimd_latent", "self_condition": True},
     "ddpm_det": {"variant": "ddpm_det"},
@@ -50,7 +50,8 @@ VARIANTS: dict[str, dict[str, typing.Any]] = {
 
 # name -> training switches besides the flips
 TRAINING = {"cimd_aa+all_raters+intensity+lr_cosine+dropout": {"all_raters": True, "intensity_scale": 0.2, "intensity_shift": 0.3,
-                                                        "lr_schedule": "cosine", "warmup_steps": 1, "dropout": 0.2}}
+                                                        "lr_schedule": "cosine", "warmup_steps": 1, "dropout": 0.2},
+            "cimd_fc+affine": {"affine_rotation": 20.0, "affine_translation": 0.1, "affine_scaling": 0.2}}
 
 
 def variant_model(name: str) -> nn.Module:

@@ -29,7 +29,7 @@ TRAJECTORY_KEYS = ("seed", "batch_size", "lr", "weight_decay", "ema_decay", "ema
 # that adding one leaves the fingerprints (and checkpoints) of every run without it valid.
 LATER_SWITCHES = {
     "all_raters": False, "lr_schedule": "constant", "warmup_steps": 0, "intensity_scale": 0.0, "intensity_shift": 0.0,
-    "dropout": 0.0,
+    "dropout": 0.0, "affine_rotation": 0.0, "affine_translation": 0.0, "affine_scaling": 0.0,
 }
 
 # Bytes hashed per chunk by default: memory-mapped arrays are read piecewise instead of copied whole.

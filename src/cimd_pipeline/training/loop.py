@@ -35,7 +35,14 @@ from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models import draws
 from cimd_pipeline.processes import Workers
-from cimd_pipeline.training.augment import apply_flips, apply_intensity, draw_flips, draw_intensity
+from cimd_pipeline.training.augment import (
+    apply_affine,
+    apply_flips,
+    apply_intensity,
+    draw_affine,
+    draw_flips,
+    draw_intensity,
+)
 from cimd_pipeline.io.torch_files import load_checkpoint, load_state_strict, save_checkpoint
 from cimd_pipeline.training.checkpoint import check_resumable, run_settings
 from cimd_pipeline.training.dropout import add_dropout
@@ -293,6 +300,9 @@ def _train(
             if params.intensity_scale or params.intensity_shift:
                 changes = draw_intensity(params.intensity_scale, params.intensity_shift, params.batch_size, indices)
                 image = apply_intensity(image, changes[start:stop])
+            if params.affine_rotation or params.affine_translation or params.affine_scaling:
+                moves = draw_affine(params.affine_rotation, params.affine_translation, params.affine_scaling, params.batch_size, indices)
+                image, masks = apply_affine(image, masks, moves[start:stop])
             with (
                 torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
                 draws.batch_share(start, stop, params.batch_size),
