@@ -1,6 +1,7 @@
 """Quality and cost of a trained model under several samplers, on the first K cases of a split.
 
-For each sampler (``ddim10``, ``ddpm10``, ``ddim5``, ``ddim5+bf16`` for bfloat16 autocast ...) draws ``--samples`` masks per case with
+For each sampler (``ddim10``, ``ddpm10``, ``ddim5``, ``ddim5+bf16`` for bfloat16 autocast,
+``ddim50+t0.8`` for every noise draw of the sampler times 0.8 ...) draws ``--samples`` masks per case with
 the pipeline's own code (`cimd_pipeline.ensembles.draw_ensembles`) and scores them as the
 evaluation pipeline does (`cimd_pipeline.scoring`): GED, the perfect-sampler floor for the N
 drawn and GED − floor, HM-IoU, Dice_max and CI (both readings: ``ci`` and ``ci_var``, docs/metrics.md), with masks per CPU-second of this
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 
 from cimd_pipeline.config import SamplingParams
+from cimd_pipeline.diffusion.noise import RowGenerators
 from cimd_pipeline.ensembles import draw_ensembles
 from cimd_pipeline.io.aligned_dataset import AlignedDataset
 from cimd_pipeline.models.trained import TrainedModel
@@ -34,23 +36,46 @@ COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "c
            "ged_cross", "diversity_samples", "diversity_raters", "ged_oracle", "ged_cross_oracle", "diversity_oracle")
 
 
-def parse_sampler(name: str) -> tuple[str, int, bool]:
-    """``ddim10`` -> ("ddim", 10, False); ``ddim5+bf16`` -> ("ddim", 5, True), bfloat16 autocast."""
-    match = re.fullmatch(r"(ddim|ddpm)(\d+)(\+bf16)?", name)
-    if not match:
+def parse_sampler(name: str) -> tuple[str, int, bool, float]:
+    """``ddim10`` -> ("ddim", 10, False, 1.0); ``ddim5+bf16`` -> ("ddim", 5, True, 1.0), bfloat16
+    autocast; ``ddim50+t0.8`` -> ("ddim", 50, False, 0.8), a sampling temperature."""
+    match = re.fullmatch(r"(ddim|ddpm)(\d+)(\+bf16)?(?:\+t(\d*\.?\d+))?", name)
+    if not match or (match.group(4) and float(match.group(4)) <= 0):
         raise argparse.ArgumentTypeError(
-            f"{name!r}: expected ddim<steps> or ddpm<steps>, optionally +bf16, e.g. ddim10 or ddim5+bf16"
+            f"{name!r}: expected ddim<steps> or ddpm<steps>, optionally +bf16 and +t<temperature > 0>, "
+            "e.g. ddim10, ddim5+bf16 or ddim50+t0.8"
         )
-    return match.group(1), int(match.group(2)), bool(match.group(3))
+    return match.group(1), int(match.group(2)), bool(match.group(3)), float(match.group(4) or 1.0)
+
+
+class TemperedRows(RowGenerators):
+    """The rows' own noise streams, every draw times ``temperature``: x_T and, for DDPM (and
+    cimd_latent's z), each step's noise. Below 1 the samples gather towards the model's modes
+    (the reduced-temperature sampling of Kingma & Dhariwal 2018, "Glow"), a measure of how much of
+    a model's GED rests on the spread of its samples."""
+
+    def __init__(self, rows: RowGenerators, temperature: float) -> None:
+        self.device, self.generators, self.temperature = rows.device, rows.generators, temperature
+
+    def randn(self, shape, dtype=None) -> torch.Tensor:
+        return super().randn(shape, dtype) * self.temperature
+
+
+def tempered(net: torch.nn.Module, temperature: float) -> torch.nn.Module:
+    """``net`` whose ``sample`` draws from `TemperedRows` (itself where the temperature is 1)."""
+    if temperature != 1.0:
+        plain = net.sample
+        net.sample = lambda image, params, generator: plain(image, params, TemperedRows(generator, temperature))
+    return net
 
 
 def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int) -> dict[str, float]:
     """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``."""
-    method, steps, bf16 = parse_sampler(sampler)
+    method, steps, bf16, temperature = parse_sampler(sampler)
     params = SamplingParams(
         method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False, bf16=bf16
     )
-    net = model.build()
+    net = tempered(model.build(), temperature)
     started = time.process_time()
     drawn = draw_ensembles(net, data.images, data.cases["case_id"].to_numpy(), params, torch.device("cpu"))
     cpu = time.process_time() - started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -12,7 +14,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from cimd_pipeline.diffusion.noise import RowGenerators
 from tests.conftest import PROJECT, make_project_copy
 
 
@@ -177,15 +181,35 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
     lidc_fixture_aligned(tmp_path / "aligned")
     out = run_script(project, "sampler_quality.py", "--model", str(PROJECT / "models/lidc_cpu_64/model.pt"),
                      "--aligned", str(tmp_path / "aligned"), "--split", "test", "--max-cases", "2",
-                     "--samplers", "ddim2", "ddpm2", "ddim2+bf16", "--samples", "2", "--out", str(tmp_path / "q.csv"))
+                     "--samplers", "ddim2", "ddpm2", "ddim2+bf16", "ddim2+t1", "ddim2+t0.1", "--samples", "4",
+                     "--out", str(tmp_path / "q.csv"))
     table = pd.read_csv(tmp_path / "q.csv")
-    assert list(table["sampler"]) == ["ddim2", "ddpm2", "ddim2+bf16"] and set(table["cases"]) == {2}
+    assert list(table["sampler"]) == ["ddim2", "ddpm2", "ddim2+bf16", "ddim2+t1", "ddim2+t0.1"] and set(table["cases"]) == {2}
     assert abs(table["ged"][2] - table["ged"][0]) < 0.05  # bfloat16 draws the float32 masks to rounding
+    quality = ["ged", "hm_iou", "ged_cross", "diversity_samples"]
+    assert table.loc[3, quality].tolist() == table.loc[0, quality].tolist()  # temperature 1 is the plain sampler
+    # at a tenth of the noise the four samples of a slice start from nearly one x_T: closer together
+    assert table["diversity_samples"][4] < table["diversity_samples"][0]
     assert np.allclose(table["ged_minus_floor"], table["ged"] - table["ged_floor"], rtol=0, atol=1e-12)
     assert table[["hm_iou", "dice_max", "ci", "ci_var", "masks_per_cpu_s"]].notna().all().all()
     terms = 2 * table["ged_cross"] - table["diversity_samples"] - table["diversity_raters"]
     assert np.allclose(terms, table["ged"], atol=1e-9) and (table["diversity_raters"] > 0).all()
-    assert "on the first 2 test cases, N = 2" in out
+    assert "on the first 2 test cases, N = 4" in out
+
+
+def test_a_sampling_temperature_scales_every_noise_draw_of_each_row_s_own_stream():
+    spec = importlib.util.spec_from_file_location("sampler_quality", PROJECT / "benchmarks" / "sampler_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_sampler("ddim50+t0.8") == ("ddim", 50, False, 0.8)
+    assert module.parse_sampler("ddim5+bf16+t.5") == ("ddim", 5, True, 0.5)
+    for bad in ("ddim5+t0", "ddim5+t", "ddim5+t0.8+bf16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="temperature"):
+            module.parse_sampler(bad)
+    plain, tempered = RowGenerators([3, 4], "cpu"), module.TemperedRows(RowGenerators([3, 4], "cpu"), 0.25)
+    for _ in range(2):  # x_T, then a step's noise: the streams advance as the plain ones do
+        assert torch.allclose(tempered.randn((2, 1, 4, 4)), 0.25 * plain.randn((2, 1, 4, 4)))
+    assert isinstance(tempered, RowGenerators) and len(tempered) == 2
 
 
 def test_readers_drawn_groups_the_per_case_figures_by_how_many_raters_drew(project, tmp_path):
