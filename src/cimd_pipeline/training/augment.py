@@ -98,5 +98,5 @@ def apply_affine(image: torch.Tensor, masks: torch.Tensor, changes: torch.Tensor
     theta = torch.cat([rotation, -(rotation @ shift[:, :, None])], 2)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     moved = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    moved_masks = F.grid_sample(masks.float(), grid.to(masks.device), mode="nearest", padding_mode="zeros", align_corners=False)
+    moved_masks = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return moved.to(image.dtype), moved_masks.round().to(masks.dtype)
