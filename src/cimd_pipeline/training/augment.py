@@ -84,7 +84,7 @@ def apply_affine(image: torch.Tensor, masks: torch.Tensor, changes: torch.Tensor
     """Turn, shift and zoom ``image`` (B, C, H, W) and its ``masks`` (B, R, H, W) by ``changes``
     (B, 4) from `draw_affine`; the same map for the image and every mask of an example.
 
-    The output pixel at p shows the input at R(-angle)·(p - shift)/zoom about the centre, in
+    The output pixel at p shows the input at R(-angle)·(p - shift)/(1 + zoom) about the centre, in
     coordinates where the side has length 2 (`torch.nn.functional.affine_grid` with
     ``align_corners=False``, so a quarter turn or a whole-pixel shift moves pixel centres onto pixel
     centres).
