@@ -8,6 +8,7 @@ other (measured on 2 cores: a 6 s training test took 74 s beside a second worker
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,6 +22,15 @@ os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every subprocess a test star
 torch.set_num_threads(1)
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str, module_name: str):
+    """A script of benchmarks/ imported as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(module_name, PROJECT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_project_copy(target: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from cimd_pipeline.diffusion.noise import RowGenerators
-from tests.conftest import PROJECT, make_project_copy
+from tests.conftest import PROJECT, load_benchmark, make_project_copy
 
 
 def run_script(project: Path, name: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -198,9 +197,7 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
 
 
 def test_a_sampling_temperature_scales_every_noise_draw_of_each_row_s_own_stream():
-    spec = importlib.util.spec_from_file_location("sampler_quality", PROJECT / "benchmarks" / "sampler_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("sampler_quality.py", "sampler_quality")
     assert module.parse_sampler("ddim50+t0.8") == ("ddim", 50, False, 0.8)
     assert module.parse_sampler("ddim5+bf16+t.5") == ("ddim", 5, True, 0.5)
     for bad in ("ddim5+t0", "ddim5+t", "ddim5+t0.8+bf16"):

@@ -1,21 +1,13 @@
 """benchmarks/mutation.py's bookkeeping (mutmut itself is not needed: CI does not install it)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mutation.py"
+from tests.conftest import PROJECT, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def mutation():
-    spec = importlib.util.spec_from_file_location("mutation_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mutation.py", "mutation_benchmark")
 
 
 def test_function_spans_use_mutmuts_mangled_names(mutation):
@@ -31,7 +23,7 @@ def test_kill_rate_counts_timeouts_as_detected_and_untested_code_as_surviving(mu
 
 
 def test_every_module_names_existing_files_and_fast_tests(mutation):
-    root = SCRIPT.parents[1]
+    root = PROJECT
     for files, tests in mutation.MODULES.values():
         assert all((root / "src" / "cimd_pipeline" / f).is_file() for f in files)
         paths = [t for t in tests if not t.startswith("--") and "::" not in t]

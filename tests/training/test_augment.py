@@ -1,3 +1,5 @@
+import math
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -5,8 +7,6 @@ import torch
 
 from cimd_pipeline.config import TrainingParams
 from cimd_pipeline.data.alignment import slice_volume
-import math
-
 from cimd_pipeline.training.augment import apply_affine, apply_flips, apply_intensity, draw_affine, draw_flips, draw_intensity
 from cimd_pipeline.training.fingerprint import data_digest, run_fingerprint
 from cimd_pipeline.training.loop import train
