@@ -46,7 +46,9 @@ from cimd_pipeline.models.trained import TrainedModel
 def fresh_encoder(like: GaussianEncoder, net: CIMD, default_init: bool) -> GaussianEncoder:
     """A newly initialised encoder with ``like``'s inputs (the latent variant's ACN sees the image only)."""
     nets = net.params.ambiguity_nets
-    encoder = GaussianEncoder(like.in_channels, net.params.latent_dim, nets.filters, Covariance.DIAGONAL)
+    encoder = GaussianEncoder(
+        like.in_channels, net.params.latent_dim, nets.filters, Covariance.DIAGONAL, like.components
+    )
     if default_init:
         encoder.head.reset_parameters()
     return encoder

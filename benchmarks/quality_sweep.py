@@ -73,6 +73,9 @@ CONFIGS: dict[str, dict[str, object]] = {
     "literature_v": {**PLAIN, **LITERATURE, "model.prediction_type": "v", "model.output_activation": "none"},
     "cimd_latent": {**COSINE, "model.variant": "cimd_latent"},
     "cimd_latent_lr_1e-3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent"},
+    # the same with a prior that is a mixture of 4 Gaussians (models/ambiguity.py)
+    "cimd_latent_mix4": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent",
+                         "model.ambiguity_nets.prior_components": 4},
     "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
     # conf/base with every valid rater of an image in one step (training/rater_rows.py)
     "all_raters": {"training.all_raters": True},

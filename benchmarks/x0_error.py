@@ -26,6 +26,7 @@ import torch
 from _direct import add_data_arguments, aligned_data
 from _kedro import ROOT, markdown_table
 
+from cimd_pipeline.models.ambiguity import draw
 from cimd_pipeline.models.cimd import CIMD, pick_raters
 from cimd_pipeline.models.trained import TrainedModel
 
@@ -55,8 +56,7 @@ def x0_errors(net: CIMD, image: torch.Tensor, masks: torch.Tensor, valid: torch.
             x_t = net.diffusion.q_sample(x0 * net.params.input_scale, t, noise)
             z = None
             if net.latent:  # the latent variant samples z from its image prior
-                prior = net.acn(image)
-                z = prior.mean + prior.stddev * torch.randn(prior.mean.shape, generator=generator)
+                z = draw(net.acn(image), generator)
             estimate = net.x0_estimate(net.model_fn(image, z)(x_t, t), x_t, t)  # a chain's first call
             errors.append(float(((estimate - x0) ** 2).mean()))
             wrong.append(float(((estimate > 0) != (x0 > 0)).float().mean()))

@@ -79,6 +79,8 @@ class AmbiguityNetParams(Strict):
     trainable: bool = True
     acn_input: Literal["x0", "eps"] = "x0"
     filters: tuple[int, ...] = (32, 64, 128, 192)
+    # Gaussians in the ACN prior of cimd_latent (1: one Gaussian; docs/ambiguity_nets.md)
+    prior_components: int = Field(1, ge=1)
 
 
 # --- baselines: Probabilistic U-Net and PHiSeg (docs/baselines.md) --------------------------------------
@@ -157,6 +159,11 @@ class ModelParams(Strict):
             raise ValueError(
                 f"output_activation={self.output_activation!r} bounds an x0 prediction; "
                 f"prediction_type={self.prediction_type.value!r} predicts an unbounded target"
+            )
+        if self.ambiguity_nets.prior_components > 1 and self.variant is not Variant.CIMD_LATENT:
+            raise ValueError(
+                f"ambiguity_nets.prior_components={self.ambiguity_nets.prior_components} needs "
+                f"variant 'cimd_latent', the only variant that samples from its prior; got {self.variant.value!r}"
             )
         problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         problems += weighting_problems(self.prediction_type, self.loss_weighting)

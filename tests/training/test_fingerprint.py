@@ -33,6 +33,8 @@ BASES = {
     "cosine-min_snr": {"noise_schedule": "cosine", "loss_weighting": "min_snr", "input_scale": 0.5},
 }
 SWITCHED = ("beta_start", "beta_end", "noise_schedule", "input_scale", "loss_weighting", "min_snr_gamma")
+# Changes that the model block refuses outside these variants (tried there, checked refused elsewhere).
+ONLY_FOR = {"ambiguity_nets.prior_components": ("cimd_latent",)}
 # One valid change of every leaf field of the model block (the test fails for a field missing here).
 CHANGES = {
     "variant": None,  # compared across variants by the parametrisation itself
@@ -57,6 +59,7 @@ CHANGES = {
     "ambiguity_nets.trainable": False,
     "ambiguity_nets.acn_input": "eps",
     "ambiguity_nets.filters": [4, 4, 8],
+    "ambiguity_nets.prior_components": 2,
     "baselines.filters": [4, 4, 8],
     "baselines.num_convs": 2,
     "baselines.latent_dim": 3,
@@ -129,6 +132,10 @@ def test_a_field_is_fingerprinted_exactly_when_changing_it_changes_the_trajector
     seen, ignored = [], []
     for path in CHANGES if base == "linear-simple" else SWITCHED:
         if path == "variant":
+            continue
+        if variant not in ONLY_FOR.get(path, (variant,)):
+            with pytest.raises(ValueError, match="needs variant"):
+                ModelParams.model_validate(_changed(block, path))
             continue
         changed = _changed(block, path)
         fingerprinted = run_fingerprint(changed, training, digest) != run_fingerprint(block, training, digest)

@@ -45,10 +45,17 @@ class RowGenerators:
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Standard normal noise of ``shape`` (rows first), each row from its own generator."""
+        return self._rows(torch.randn, shape, dtype)
+
+    def rand(self, shape: Sequence[int]) -> torch.Tensor:
+        """Uniform draws in [0, 1) of ``shape`` (rows first), each row from its own generator."""
+        return self._rows(torch.rand, shape, None)
+
+    def _rows(self, fill, shape: Sequence[int], dtype: torch.dtype | None) -> torch.Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"noise for {shape[0]} rows requested from {len(self.generators)} row generators")
         row = (1, *shape[1:])
-        draws = [torch.randn(row, generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        draws = [fill(row, generator=g, device=self.device, dtype=dtype) for g in self.generators]
         return torch.cat(draws) if draws else torch.empty(tuple(shape), device=self.device, dtype=dtype)
 
 

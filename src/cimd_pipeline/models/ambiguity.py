@@ -19,6 +19,14 @@ Two covariance forms are supported, matching the paper's CIMD-AA and CIMD-FC var
 * :attr:`Covariance.FULL`: the network predicts a mean and the lower triangle of a Cholesky
   factor ``L`` (positive diagonal), so ``Sigma = L L^T`` and ``z = mu + L eps``; the
   distribution is ``MultivariateNormal(mu, scale_tril=L)``.
+
+An encoder with ``components > 1`` predicts a mixture of that many such Gaussians and their
+weights (``MixtureSameFamily``). A single Gaussian prior fitted by KL(posterior ‖ prior) must cover
+the posteriors of all raters of an image, so its codes fall between theirs
+(docs/quality.md, "`cimd_latent`"); a mixture can put one component on each cluster of
+posterior codes (the mixture-of-Gaussians priors of VAEs, e.g. Dilokthanakul et al. 2016). Its KL
+from a Gaussian posterior has no closed form: :func:`kl_estimate` takes the one-draw Monte Carlo
+estimate, whose gradient trains the prior by the likelihood of the posterior's codes.
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
-__all__ = ["Covariance", "GaussianEncoder", "kl_divergence"]
+from cimd_pipeline.diffusion.noise import Generator
+from cimd_pipeline.models import draws
+
+__all__ = ["Covariance", "GaussianEncoder", "draw", "kl_divergence", "kl_estimate"]
 
 # Added to the softplus of every standard deviation (diagonal sigma, Cholesky diagonal) so that
 # Sigma stays positive definite and log(sigma) finite.
@@ -69,12 +80,16 @@ class GaussianEncoder(nn.Module):
 
     The 1x1 head has zero bias and weights drawn from ``N(0, 0.01^2)``, so the initial
     distribution is close to ``N(0, I)`` for any input while gradients still reach every layer.
+    With ``components > 1`` the head also predicts the mixture's logits (equal at the start), and
+    the components' means start at distinct points drawn from ``N(0, I)``: identical components
+    would get identical gradients and never part.
 
     Args:
         in_channels: channels of the input stack, e.g. image channels + mask channels.
         latent_dim: dimension ``k`` of ``z`` (6 in the paper).
         filters: output channels of the successive convolution levels.
         covariance: :class:`Covariance` form (or its string value).
+        components: Gaussians in the predicted mixture; 1 gives a plain Gaussian.
     """
 
     def __init__(
@@ -83,6 +98,7 @@ class GaussianEncoder(nn.Module):
         latent_dim: int = 6,
         filters: Sequence[int] = (32, 64, 128, 192),
         covariance: Covariance | str = Covariance.DIAGONAL,
+        components: int = 1,
     ) -> None:
         super().__init__()
         if in_channels < 1:
@@ -94,6 +110,8 @@ class GaussianEncoder(nn.Module):
             raise ValueError("filters must name at least one convolution level")
         if any(f < 1 for f in filters):
             raise ValueError(f"every entry of filters must be >= 1, got {filters}")
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
         try:
             covariance = Covariance(covariance)
         except ValueError:
@@ -104,6 +122,7 @@ class GaussianEncoder(nn.Module):
         self.in_channels = in_channels
         self.latent_dim = latent_dim
         self.covariance = covariance
+        self.components = components
         self.num_levels = len(filters)
         self.min_size = 2**self.num_levels
 
@@ -122,15 +141,22 @@ class GaussianEncoder(nn.Module):
             num_params = 2 * latent_dim  # mean and log-sigma
         else:
             num_params = latent_dim + latent_dim * (latent_dim + 1) // 2  # mean and tril(L)
-        self.head = nn.Conv2d(previous, num_params, kernel_size=1)
+        self.num_params = num_params
+        logits = components if components > 1 else 0
+        self.head = nn.Conv2d(previous, components * num_params + logits, kernel_size=1)
         nn.init.normal_(self.head.weight, std=_HEAD_INIT_STD)
         nn.init.zeros_(self.head.bias)
+        if components > 1:
+            with torch.no_grad():
+                self.head.bias[: components * num_params].view(components, num_params)[:, :latent_dim].normal_()
 
     def forward(self, x: Tensor) -> Distribution:
         """Encode ``x`` of shape (N, C, H, W) into a distribution.
 
-        Returns a distribution with ``batch_shape == (N,)`` and ``event_shape == (latent_dim,)``
-        whose ``rsample()`` is differentiable with respect to the encoder parameters.
+        Returns a distribution with ``batch_shape == (N,)`` and ``event_shape == (latent_dim,)``:
+        a Gaussian whose ``rsample()`` is differentiable with respect to the encoder parameters,
+        or with ``components > 1`` a ``MixtureSameFamily`` of such Gaussians (draw it with
+        :func:`draw`).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -145,7 +171,17 @@ class GaussianEncoder(nn.Module):
         pooled = self.features(x).mean(dim=(-2, -1), keepdim=True)  # (N, F, 1, 1)
         # float32 under bf16 autocast: the Gaussian, its Cholesky factor and the KL (values near
         # 1e-8 in a trained model) are meaningless at bf16's 8-bit mantissa.
-        params = self.head(pooled).flatten(1).float()  # (N, num_params)
+        params = self.head(pooled).flatten(1).float()  # (N, components * num_params [+ components])
+        if self.components == 1:
+            return self._gaussian(params)
+        split = self.components * self.num_params
+        gaussians = self._gaussian(params[:, :split].reshape(len(x) * self.components, self.num_params))
+        batched = _reshape_gaussian(gaussians, (len(x), self.components))
+        weights = Categorical(logits=params[:, split:], validate_args=False)
+        return MixtureSameFamily(weights, batched, validate_args=False)
+
+    def _gaussian(self, params: Tensor) -> Distribution:
+        """The Gaussian of head parameters (M, num_params)."""
         k = self.latent_dim
         mu, rest = params[:, :k], params[:, k:]
         # No argument validation: a NaN from upstream must surface as a NaN loss, which the
@@ -178,6 +214,43 @@ def _diagonal_params(dist: Distribution) -> tuple[Tensor, Tensor] | None:
     ):
         return dist.base_dist.loc, dist.base_dist.scale
     return None
+
+
+def _reshape_gaussian(dist: Distribution, batch: tuple[int, ...]) -> Distribution:
+    """The Gaussian ``dist`` of batch shape (M,) with its batch reshaped to ``batch``."""
+    diagonal = _diagonal_params(dist)
+    if diagonal is not None:
+        mu, sigma = (p.reshape(*batch, p.shape[-1]) for p in diagonal)
+        return Independent(Normal(mu, sigma, validate_args=False), 1, validate_args=False)
+    mu, l = _full_params(dist)
+    k = mu.shape[-1]
+    return MultivariateNormal(mu.reshape(*batch, k), scale_tril=l.reshape(*batch, k, k), validate_args=False)
+
+
+def draw(dist: Distribution, generator: Generator) -> Tensor:
+    """Reparameterised draw (N, k) from a Gaussian or a mixture of Gaussians, noise from ``generator``.
+
+    ``rsample`` would take its noise from the global RNG; the loop's generator (or sampling's
+    per-row generators) keeps training resumable and samples seeded per image. A mixture first
+    picks one component per row by the Gumbel-max trick on the row's uniforms, then draws from it
+    (differentiable in the component's parameters, not in the weights).
+    """
+    if isinstance(dist, MixtureSameFamily):
+        logits = dist.mixture_distribution.logits
+        uniform = draws.rand(logits.shape, generator, logits.device).clamp_min(torch.finfo(logits.dtype).tiny)
+        pick = (logits - torch.log(-torch.log(uniform))).argmax(dim=1)
+        rows = torch.arange(len(pick), device=pick.device)
+        components = dist.component_distribution
+        diagonal = _diagonal_params(components)
+        if diagonal is None:
+            mu, l = _full_params(components)
+            dist = MultivariateNormal(mu[rows, pick], scale_tril=l[rows, pick], validate_args=False)
+        else:
+            dist = Independent(Normal(diagonal[0][rows, pick], diagonal[1][rows, pick], validate_args=False), 1)
+    eps = draws.randn(dist.mean.shape, generator, dist.mean.device)
+    if isinstance(dist, MultivariateNormal):
+        return dist.mean + (dist.scale_tril @ eps[..., None])[..., 0]
+    return dist.mean + dist.stddev * eps
 
 
 def _describe(dist: Distribution) -> str:
@@ -239,3 +312,20 @@ def kl_divergence(posterior: Distribution, prior: Distribution) -> Tensor:
     log_det_p = 2 * torch.diagonal(l_p, dim1=-2, dim2=-1).log().sum(-1)
     log_det_q = 2 * torch.diagonal(l_q, dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * (trace + mahalanobis - k + log_det_p - log_det_q)
+
+
+def kl_estimate(posterior: Distribution, prior: Distribution, z: Tensor) -> Tensor:
+    """``KL(posterior || prior)`` per sample (N,): closed form between Gaussians, else the one-draw
+    Monte Carlo estimate ``log q(z) - log p(z)`` at ``z`` (N, k), a draw of the posterior.
+
+    The estimate is unbiased and, unlike the closed form, can be negative for one draw; its
+    gradient trains a mixture prior by the log-likelihood of the posterior's codes.
+    """
+    if not isinstance(prior, MixtureSameFamily):
+        return kl_divergence(posterior, prior)
+    if posterior.event_shape != prior.event_shape or z.shape[-1:] != prior.event_shape:
+        raise ValueError(
+            f"posterior, prior and z must share one latent dimension, got event shapes "
+            f"{tuple(posterior.event_shape)}, {tuple(prior.event_shape)} and z of shape {tuple(z.shape)}"
+        )
+    return posterior.log_prob(z) - prior.log_prob(z)

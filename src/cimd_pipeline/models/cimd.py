@@ -16,7 +16,9 @@ target mask and whether the encoders exist:
   the denoiser as ``latent_dim`` constant extra input channels. In training z is drawn from the AMN
   posterior q(z | image, x_0), the ACN is a prior p(z | image) that sees the image only, and the
   loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws its own z from that prior, so prior
-  sampling needs nothing the chain has not made yet.
+  sampling needs nothing the chain has not made yet. With ``ambiguity_nets.prior_components`` > 1
+  the prior is a mixture of that many Gaussians and the KL its one-draw Monte Carlo estimate at
+  the posterior's z (`cimd_pipeline.models.ambiguity.kl_estimate`).
 
 The diffusion recipe (``model.noise_schedule``, ``input_scale``, ``loss_weighting``,
 ``output_activation``, ``self_condition``; docs/quality.md) applies to every variant. With input
@@ -45,7 +47,7 @@ from cimd_pipeline.diffusion import (
 )
 from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models import draws
-from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, kl_divergence
+from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, draw, kl_divergence, kl_estimate
 from cimd_pipeline.models.denoiser import ConditionalDenoiser
 
 
@@ -101,7 +103,9 @@ class CIMD(nn.Module):
             nets = params.ambiguity_nets
             self.amn = GaussianEncoder(image_channels + 1, params.latent_dim, nets.filters, covariance)
             prior_channels = image_channels if self.latent else image_channels + 1
-            self.acn = GaussianEncoder(prior_channels, params.latent_dim, nets.filters, covariance)
+            self.acn = GaussianEncoder(
+                prior_channels, params.latent_dim, nets.filters, covariance, nets.prior_components
+            )
             if not nets.trainable:
                 # Reference-code behaviour: the encoders stay at their random initialisation, but
                 # the KL still back-propagates through them into the UNet's prediction.
@@ -123,8 +127,8 @@ class CIMD(nn.Module):
         z = kl = None
         if self.latent:
             posterior = self.amn(torch.cat([image, x0], dim=1))
-            z = _draw(posterior, generator)
-            kl = kl_divergence(posterior, self.acn(image))
+            z = draw(posterior, generator)
+            kl = kl_estimate(posterior, self.acn(image), z)
         condition = self._training_condition(x_t, image, t, generator, z)
         out = self.model_output(x_t, image, t, condition, z)
         terms = self.diffusion.training_losses(out, scaled, x_t, t, noise, self.params.vlb_weight)
@@ -212,7 +216,7 @@ class CIMD(nn.Module):
         (eta = 0) or stochastic DDIM update; both on the respaced schedule of ``params.steps``.
         """
         b, _, h, w = image.shape
-        z = _draw(self.acn(image), generator) if self.latent else None
+        z = draw(self.acn(image), generator) if self.latent else None
         with self._cpu_channels_last(image.device):
             x, _ = sample(
                 self.model_fn(image, z),
@@ -264,14 +268,3 @@ class CIMD(nn.Module):
 
         return call
 
-
-def _draw(dist, generator: Generator) -> Tensor:
-    """Reparameterised draw mean + scale_tril · eps from a diagonal or full Gaussian, (N, k).
-
-    ``rsample`` would take its noise from the global RNG; the loop's generator (or sampling's
-    per-row generators) keeps training resumable and samples seeded per image.
-    """
-    eps = draws.randn(dist.mean.shape, generator, dist.mean.device)
-    if isinstance(dist, torch.distributions.MultivariateNormal):
-        return dist.mean + (dist.scale_tril @ eps[..., None])[..., 0]
-    return dist.mean + dist.stddev * eps

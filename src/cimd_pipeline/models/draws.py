@@ -55,8 +55,12 @@ def randn(shape: Sequence[int], generator: noise.Generator, device: torch.device
     return torch.randn(full, generator=generator, device=device, dtype=dtype)[rows]
 
 
-def rand(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniform draws in [0, 1), one row per example."""
+def rand(shape: Sequence[int], generator: noise.Generator, device: torch.device) -> Tensor:
+    """Uniform draws in [0, 1), one row per example (per-row generators allowed as in `randn`)."""
+    if isinstance(generator, noise.RowGenerators):
+        if _SHARE.get() is not None:
+            raise ValueError("per-row generators draw for their own rows, not for a batch share")
+        return generator.rand(shape)
     full, rows = _global(shape)
     return torch.rand(full, generator=generator, device=device)[rows]
 
