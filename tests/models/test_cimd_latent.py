@@ -147,7 +147,7 @@ def test_sampling_is_seeded_and_the_prior_spread_varies_samples():
 def test_cimd_latent_with_the_literature_recipe_runs_the_kedro_chain_and_the_probe(kedro_project):
     overrides = ("model.variant=cimd_latent,model.noise_schedule=cosine,model.input_scale=0.1,"
                  "model.loss_weighting=snr_plus_one,model.output_activation=tanh,model.self_condition=true,"
-                 "sampling.method=ddpm")
+                 "model.ambiguity_nets.prior_components=2,sampling.method=ddpm")
     run_kedro(kedro_project, "--env", "test", "--params", overrides)
     metrics = json.loads((kedro_project / "data/08_reporting/metrics.json").read_text())
     assert metrics["variant"] == "cimd_latent" and 0.0 <= metrics["ged"] <= 2.0
@@ -157,6 +157,7 @@ def test_cimd_latent_with_the_literature_recipe_runs_the_kedro_chain_and_the_pro
     assert params.output_activation == "tanh" and params.self_condition
     net = trained.build()
     assert net.latent and net.denoiser.extra_channels == params.latent_dim + 1
+    assert net.acn.components == 2  # the mixture prior survives model.pt
 
     import subprocess
     import sys
