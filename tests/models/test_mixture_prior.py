@@ -56,17 +56,25 @@ def test_one_component_is_the_plain_gaussian_encoder():
     torch.testing.assert_close(one(x).mean, plain(x).mean, rtol=0, atol=0)
 
 
-def test_draw_picks_components_by_their_weights_and_follows_the_generator():
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(20000, 3)
-    means = torch.tensor([[-10.0], [0.0], [10.0]]).expand(20000, 3, 1)
+@pytest.mark.parametrize("full", [False, True])
+def test_draw_picks_components_by_their_weights_and_follows_the_generator(full):
+    n = 20000
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(n, 3)
+    means = torch.tensor([[-10.0, 0.0], [0.0, 0.0], [10.0, 0.0]]).expand(n, 3, 2)
     prior = mixture(logits, means)
-    z = draw(prior, torch.Generator().manual_seed(0))[:, 0]
+    if full:  # the same mixture with full covariances, correlated in the second coordinate
+        tril = torch.tensor([[0.1, 0.0], [0.3, 0.2]]).expand(n, 3, 2, 2)
+        prior = D.MixtureSameFamily(prior.mixture_distribution, D.MultivariateNormal(means, scale_tril=tril))
+    drawn = draw(prior, torch.Generator().manual_seed(0))
+    z = drawn[:, 0]
     shares = torch.stack([(z < -5).float().mean(), (z.abs() < 5).float().mean(), (z > 5).float().mean()])
     torch.testing.assert_close(shares, torch.tensor([0.7, 0.2, 0.1]), atol=0.012, rtol=0)
     for centre, picked in ((-10.0, z < -5), (0.0, z.abs() < 5), (10.0, z > 5)):
         torch.testing.assert_close((z[picked] - centre).std(), torch.tensor(0.1), atol=0.01, rtol=0)
-    assert torch.equal(z, draw(prior, torch.Generator().manual_seed(0))[:, 0])
-    assert not torch.equal(z, draw(prior, torch.Generator().manual_seed(1))[:, 0])
+    correlation = torch.corrcoef(drawn[z.abs() < 5].T)[0, 1]
+    assert (correlation > 0.8) if full else (correlation.abs() < 0.1)
+    assert torch.equal(drawn, draw(prior, torch.Generator().manual_seed(0)))
+    assert not torch.equal(drawn, draw(prior, torch.Generator().manual_seed(1)))
 
 
 def test_draw_with_row_generators_gives_each_row_its_own_stream():
