@@ -1,7 +1,8 @@
 """Quality and cost of a trained model under several samplers, on the first K cases of a split.
 
 For each sampler (``ddim10``, ``ddpm10``, ``ddim5``, ``ddim5+bf16`` for bfloat16 autocast,
-``ddim50+t0.8`` for every noise draw of the sampler times 0.8 ...) draws ``--samples`` masks per case with
+``ddim50+t0.8`` for every noise draw of the sampler times 0.8, ``ddim50+posterior`` for a
+``cimd_latent`` model's codes drawn from its posterior on the raters' own masks ...) draws ``--samples`` masks per case with
 the pipeline's own code (`cimd_pipeline.ensembles.draw_ensembles`) and scores them as the
 evaluation pipeline does (`cimd_pipeline.scoring`): GED, the perfect-sampler floor for the N
 drawn and GED − floor, HM-IoU, Dice_max and CI (both readings: ``ci`` and ``ci_var``, docs/metrics.md), with masks per CPU-second of this
@@ -21,6 +22,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from cimd_pipeline.config import SamplingParams
 from cimd_pipeline.diffusion.noise import RowGenerators
@@ -36,16 +38,40 @@ COLUMNS = ("ged", "ged_floor", "ged_minus_floor", "hm_iou", "dice_max", "ci", "c
            "ged_cross", "diversity_samples", "diversity_raters", "ged_oracle", "ged_cross_oracle", "diversity_oracle")
 
 
-def parse_sampler(name: str) -> tuple[str, int, bool, float]:
-    """``ddim10`` -> ("ddim", 10, False, 1.0); ``ddim5+bf16`` -> ("ddim", 5, True, 1.0), bfloat16
-    autocast; ``ddim50+t0.8`` -> ("ddim", 50, False, 0.8), a sampling temperature."""
-    match = re.fullmatch(r"(ddim|ddpm)(\d+)(\+bf16)?(?:\+t(\d*\.?\d+))?", name)
+def parse_sampler(name: str) -> tuple[str, int, bool, float, bool]:
+    """``ddim10`` -> ("ddim", 10, False, 1.0, False); ``ddim5+bf16`` -> ("ddim", 5, True, 1.0, False),
+    bfloat16 autocast; ``ddim50+t0.8`` -> ("ddim", 50, False, 0.8, False), a sampling temperature;
+    ``ddim50+posterior`` -> ("ddim", 50, False, 1.0, True), `PosteriorCodes` for the prior."""
+    match = re.fullmatch(r"(ddim|ddpm)(\d+)(\+bf16)?(?:\+t(\d*\.?\d+))?(\+posterior)?", name)
     if not match or (match.group(4) and float(match.group(4)) <= 0):
         raise argparse.ArgumentTypeError(
-            f"{name!r}: expected ddim<steps> or ddpm<steps>, optionally +bf16 and +t<temperature > 0>, "
-            "e.g. ddim10, ddim5+bf16 or ddim50+t0.8"
+            f"{name!r}: expected ddim<steps> or ddpm<steps>, optionally +bf16, +t<temperature > 0> and "
+            "+posterior, e.g. ddim10, ddim5+bf16, ddim50+t0.8 or ddim50+posterior"
         )
-    return match.group(1), int(match.group(2)), bool(match.group(3)), float(match.group(4) or 1.0)
+    return match.group(1), int(match.group(2)), bool(match.group(3)), float(match.group(4) or 1.0), bool(match.group(5))
+
+
+class PosteriorCodes(nn.Module):
+    """Stands in for ``cimd_latent``'s prior p(z | image) while sampling: flat row r (member r % N of
+    case r // N, `cimd_pipeline.sample_rows`) gets the posterior q(z | image, mask) of the case's
+    (r % N mod R)-th valid rater, so the N samples cycle through the R raters' codes.
+
+    An oracle prior: it reads the raters' masks, which no sampler has, so it bounds what any prior
+    could give the same denoiser. If it samples no better than the model's own prior, the prior is
+    not what holds the latent variant back. Rows must come in order, one process (as here).
+    """
+
+    def __init__(self, amn: nn.Module, masks: np.ndarray, valid: np.ndarray, samples: int) -> None:
+        super().__init__()
+        self.amn, self.masks, self.valid, self.samples, self.next_row = amn, masks, valid, samples, 0
+
+    def forward(self, image: torch.Tensor):
+        rows = np.arange(self.next_row, self.next_row + len(image))
+        self.next_row += len(image)
+        cases, members = rows // self.samples, rows % self.samples
+        raters = [np.flatnonzero(self.valid[c])[m % self.valid[c].sum()] for c, m in zip(cases, members)]
+        mask = torch.from_numpy(np.asarray(self.masks[cases, raters], dtype=np.float32))[:, None]
+        return self.amn(torch.cat([image, 2.0 * mask.to(image.device) - 1.0], dim=1))
 
 
 class TemperedRows(RowGenerators):
@@ -71,11 +97,15 @@ def tempered(net: torch.nn.Module, temperature: float) -> torch.nn.Module:
 
 def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int) -> dict[str, float]:
     """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``."""
-    method, steps, bf16, temperature = parse_sampler(sampler)
+    method, steps, bf16, temperature, posterior = parse_sampler(sampler)
     params = SamplingParams(
         method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False, bf16=bf16
     )
     net = tempered(model.build(), temperature)
+    if posterior:
+        if not getattr(net, "latent", False):
+            raise SystemExit(f"{sampler}: +posterior needs a cimd_latent model, got {model.params.variant.value}")
+        net.acn = PosteriorCodes(net.amn, data.masks, data.rater_valid, samples)
     started = time.process_time()
     drawn = draw_ensembles(net, data.images, data.cases["case_id"].to_numpy(), params, torch.device("cpu"))
     cpu = time.process_time() - started

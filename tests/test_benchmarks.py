@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cimd_pipeline.diffusion.noise import RowGenerators
+from cimd_pipeline.models.trained import TrainedModel
 from tests.conftest import PROJECT, load_benchmark, make_project_copy
 
 
@@ -198,8 +199,8 @@ def test_sampler_quality_scores_the_shipped_model_on_an_aligned_tree(project, tm
 
 def test_a_sampling_temperature_scales_every_noise_draw_of_each_row_s_own_stream():
     module = load_benchmark("sampler_quality.py", "sampler_quality")
-    assert module.parse_sampler("ddim50+t0.8") == ("ddim", 50, False, 0.8)
-    assert module.parse_sampler("ddim5+bf16+t.5") == ("ddim", 5, True, 0.5)
+    assert module.parse_sampler("ddim50+t0.8") == ("ddim", 50, False, 0.8, False)
+    assert module.parse_sampler("ddim5+bf16+t.5") == ("ddim", 5, True, 0.5, False)
     for bad in ("ddim5+t0", "ddim5+t", "ddim5+t0.8+bf16"):
         with pytest.raises(argparse.ArgumentTypeError, match="temperature"):
             module.parse_sampler(bad)
@@ -207,6 +208,33 @@ def test_a_sampling_temperature_scales_every_noise_draw_of_each_row_s_own_stream
     for _ in range(2):  # x_T, then a step's noise: the streams advance as the plain ones do
         assert torch.allclose(tempered.randn((2, 1, 4, 4)), 0.25 * plain.randn((2, 1, 4, 4)))
     assert isinstance(tempered, RowGenerators) and len(tempered) == 2
+
+
+def test_posterior_codes_cycle_each_case_s_rows_through_its_valid_raters_in_row_order():
+    module = load_benchmark("sampler_quality.py", "sampler_quality")
+    assert module.parse_sampler("ddim50+posterior") == ("ddim", 50, False, 1.0, True)
+    assert module.parse_sampler("ddim5+bf16+t0.5+posterior")[3:] == (0.5, True)
+    with pytest.raises(argparse.ArgumentTypeError):
+        module.parse_sampler("ddim50+posterior+t0.5")
+    masks = np.zeros((2, 4, 2, 2), dtype=np.uint8)
+    for case in range(2):
+        for rater in range(4):
+            masks[case, rater].flat[:rater + 1] = 1  # rater r marks r + 1 pixels
+    masks[0, 1].flat[3] = 1  # case 0's second rater: one more, so the cases differ
+    valid = np.array([[True, False, True, False], [True, True, True, True]])
+    seen = []
+    codes = module.PosteriorCodes(lambda x: seen.append(x) or x, masks, valid, samples=3)
+    image = torch.full((4, 1, 2, 2), 7.0)
+    codes(image)
+    codes(image[:2])  # the next batch continues the rows
+    fed = torch.cat(seen)
+    assert fed.shape == (6, 2, 2, 2) and torch.equal(fed[:, 0], torch.full((6, 2, 2), 7.0))
+    # case 0 (valid raters 0 and 2): members 0, 1, 2 -> raters 0, 2, 0; case 1: raters 0, 1, 2
+    expected = [masks[0, 0], masks[0, 2], masks[0, 0], masks[1, 0], masks[1, 1], masks[1, 2]]
+    assert torch.equal(fed[:, 1], 2.0 * torch.from_numpy(np.stack(expected)).float() - 1.0)
+    shipped = TrainedModel.load(PROJECT / "models/lidc_cpu_64/model.pt")  # cimd_aa: no prior to replace
+    with pytest.raises(SystemExit, match="needs a cimd_latent model, got cimd_aa"):
+        module.evaluate(shipped, None, "ddim2+posterior", 4, 4, 0)
 
 
 def test_readers_drawn_groups_the_per_case_figures_by_how_many_raters_drew(project, tmp_path):
