@@ -90,8 +90,9 @@ CONFIGS: dict[str, dict[str, object]] = {
     # dropout in every residual block of the U-Net while training (training/dropout.py, Ho et al. 2020)
     "dropout_0.1": {"training.dropout": 0.1},
     "dropout_0.3": {"training.dropout": 0.3},
-    # conf/base's U-Net wider at every level (3.3x the FLOPs of a training step) and with 64 channels
-    # at the lowest level only, where the attention is (1.4x); compared at equal CPU time
+    # conf/base's U-Net twice as wide at every level (2.2x the CPU-seconds of a training step on one
+    # thread) and with 64 channels at the lowest level only, where the attention is (1.2x); compared
+    # at equal CPU time (docs/quality.md)
     "unet_32_64_64": {"model.unet.channels": [32, 64, 64]},
     "unet_16_32_64": {"model.unet.channels": [16, 32, 64]},
     # small turns, shifts and zooms of image and masks together (training/augment.py)

@@ -246,7 +246,8 @@ def draw(dist: Distribution, generator: Generator) -> Tensor:
             mu, l = _full_params(components)
             dist = MultivariateNormal(mu[rows, pick], scale_tril=l[rows, pick], validate_args=False)
         else:
-            dist = Independent(Normal(diagonal[0][rows, pick], diagonal[1][rows, pick], validate_args=False), 1)
+            normal = Normal(diagonal[0][rows, pick], diagonal[1][rows, pick], validate_args=False)
+            dist = Independent(normal, 1, validate_args=False)
     eps = draws.randn(dist.mean.shape, generator, dist.mean.device)
     if isinstance(dist, MultivariateNormal):
         return dist.mean + (dist.scale_tril @ eps[..., None])[..., 0]
