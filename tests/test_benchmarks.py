@@ -237,6 +237,19 @@ def test_posterior_codes_cycle_each_case_s_rows_through_its_valid_raters_in_row_
         module.evaluate(shipped, None, "ddim2+posterior", 4, 4, 0)
 
 
+def test_step_cost_times_each_configuration_s_training_step_against_the_first(project):
+    out = run_script(project, "step_cost.py", "--env", "test", "--configs", "default", "self_cond",
+                     "--steps", "2", "--rounds", "3", env={"OMP_NUM_THREADS": "1"})
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"config", "default", "self_cond"}
+    assert float(rows["default"][1]) == 1.0 and float(rows["default"][0]) > 0
+    rounds = [float(v) for v in rows["self_cond"][2].split(",")]
+    assert len(rounds) == 3 and float(rows["self_cond"][0]) == pytest.approx(sorted(rounds)[1], abs=1e-3)
+    assert "1 thread(s), 3 rounds of 2 steps" in out
+    with pytest.raises(AssertionError, match="invalid choice"):
+        run_script(project, "step_cost.py", "--configs", "no_such_config")
+
+
 def test_readers_drawn_groups_the_per_case_figures_by_how_many_raters_drew(project, tmp_path):
     data = lidc_fixture_aligned(tmp_path / "aligned")
     drew = [sum(bool(m.any()) for m, v in zip(masks, valid) if v) for masks, valid in zip(data.masks, data.rater_valid)]
