@@ -73,3 +73,10 @@ def randn(
     if isinstance(generator, RowGenerators):
         return generator.randn(shape, dtype)
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def rand(shape: Sequence[int], generator: Generator, device: torch.device | str | None = None) -> torch.Tensor:
+    """Uniform draws in [0, 1) from a torch generator, per-row generators or torch's global RNG."""
+    if isinstance(generator, RowGenerators):
+        return generator.rand(shape)
+    return torch.rand(tuple(shape), generator=generator, device=device)

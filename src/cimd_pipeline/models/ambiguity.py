@@ -175,15 +175,14 @@ class GaussianEncoder(nn.Module):
         if self.components == 1:
             return self._gaussian(params)
         split = self.components * self.num_params
-        gaussians = self._gaussian(params[:, :split].reshape(len(x) * self.components, self.num_params))
-        batched = _reshape_gaussian(gaussians, (len(x), self.components))
+        gaussians = self._gaussian(params[:, :split].reshape(len(x), self.components, self.num_params))
         weights = Categorical(logits=params[:, split:], validate_args=False)
-        return MixtureSameFamily(weights, batched, validate_args=False)
+        return MixtureSameFamily(weights, gaussians, validate_args=False)
 
     def _gaussian(self, params: Tensor) -> Distribution:
-        """The Gaussian of head parameters (M, num_params)."""
+        """The Gaussian of head parameters (..., num_params), batch shape ``params.shape[:-1]``."""
         k = self.latent_dim
-        mu, rest = params[:, :k], params[:, k:]
+        mu, rest = params[..., :k], params[..., k:]
         # No argument validation: a NaN from upstream must surface as a NaN loss, which the
         # training loop reports with its step, not as a distribution-constructor error.
         if self.covariance is Covariance.DIAGONAL:
@@ -191,7 +190,7 @@ class GaussianEncoder(nn.Module):
         return MultivariateNormal(mu, scale_tril=self._cholesky(rest), validate_args=False)
 
     def _cholesky(self, raw: Tensor) -> Tensor:
-        """Scatter ``raw`` of shape (N, k(k+1)/2) into lower-triangular (N, k, k) factors.
+        """Scatter ``raw`` of shape (..., k(k+1)/2) into lower-triangular (..., k, k) factors.
 
         The diagonal goes through ``softplus(raw + shift) + eps`` (unit value at ``raw == 0``),
         the strictly lower entries are used as they are.
@@ -200,8 +199,8 @@ class GaussianEncoder(nn.Module):
         rows, cols = torch.tril_indices(k, k, device=raw.device)
         on_diag = rows == cols
         values = torch.where(on_diag, positive_scale(raw), raw)
-        tril = raw.new_zeros(raw.shape[0], k, k)
-        tril[:, rows, cols] = values
+        tril = raw.new_zeros(*raw.shape[:-1], k, k)
+        tril[..., rows, cols] = values
         return tril
 
 
@@ -214,17 +213,6 @@ def _diagonal_params(dist: Distribution) -> tuple[Tensor, Tensor] | None:
     ):
         return dist.base_dist.loc, dist.base_dist.scale
     return None
-
-
-def _reshape_gaussian(dist: Distribution, batch: tuple[int, ...]) -> Distribution:
-    """The Gaussian ``dist`` of batch shape (M,) with its batch reshaped to ``batch``."""
-    diagonal = _diagonal_params(dist)
-    if diagonal is not None:
-        mu, sigma = (p.reshape(*batch, p.shape[-1]) for p in diagonal)
-        return Independent(Normal(mu, sigma, validate_args=False), 1, validate_args=False)
-    mu, l = _full_params(dist)
-    k = mu.shape[-1]
-    return MultivariateNormal(mu.reshape(*batch, k), scale_tril=l.reshape(*batch, k, k), validate_args=False)
 
 
 def draw(dist: Distribution, generator: Generator) -> Tensor:

@@ -56,11 +56,12 @@ def randn(shape: Sequence[int], generator: noise.Generator, device: torch.device
 
 
 def rand(shape: Sequence[int], generator: noise.Generator, device: torch.device) -> Tensor:
-    """Uniform draws in [0, 1), one row per example (per-row generators allowed as in `randn`)."""
-    if isinstance(generator, noise.RowGenerators):
-        if _SHARE.get() is not None:
-            raise ValueError("per-row generators draw for their own rows, not for a batch share")
-        return generator.rand(shape)
+    """Uniform draws in [0, 1), one row per example.
+
+    Outside a batch share ``generator`` may also be per-row generators (`noise.RowGenerators`).
+    """
+    if _SHARE.get() is None:
+        return noise.rand(shape, generator, device)
     full, rows = _global(shape)
     return torch.rand(full, generator=generator, device=device)[rows]
 
