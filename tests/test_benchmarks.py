@@ -305,3 +305,47 @@ def test_lidc_seeds_tabulates_each_run_and_the_spread_between_them(project, tmp_
     proc = subprocess.run([sys.executable, str(PROJECT / "benchmarks/lidc_seeds.py"), paths[0], str(broken)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and f"{broken}: lacks ged_floor" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["crop_pad", "resize"])
+def test_source_grid_puts_samples_back_on_the_raters_grid_by_the_model_s_alignment(project, tmp_path, mode):
+    """Samples that are the readers' own masks, taken to 64 x 64 by the model's alignment rule, score
+    as the readers on the tree's 128 x 128 grid once put back: exactly (crop_pad; the fixture's
+    nodules lie inside the centre) or up to resampling (resize)."""
+    from dataclasses import replace
+
+    from cimd_pipeline.data.alignment import ResizeMode, fit_to_size
+    from cimd_pipeline.data.rater_sets import load_raters
+    from cimd_pipeline.ensembles import SampleSet
+    from cimd_pipeline.evaluate import evaluate
+    from cimd_pipeline.io.sample_dataset import SampleSetDataset
+
+    tree = PROJECT / "tests/fixtures/lidc_slices"
+    raters = load_raters(tree)
+    assert raters.masks.shape[2:] == (128, 128)
+    masks = raters.masks.astype(np.float32)  # (B, 4, 128, 128) in {0, 1}
+    small = np.stack([fit_to_size(m * 2 - 1, (64, 64), ResizeMode(mode), is_mask=False) for m in masks])
+    if mode == "crop_pad":
+        small[small == 0] = -1  # nothing of a nodule lies outside the centre: the crop is the whole mask
+    SampleSetDataset(str(tmp_path / "test_samples.npz")).save(
+        SampleSet(case_ids=raters.cases["case_id"].to_numpy(), binary=(small > 0).astype(np.uint8),
+                  soft=small.astype(np.float16), info={}))
+    model = TrainedModel.load(PROJECT / "models/lidc_cpu_64/model.pt")
+    replace(model, alignment={**model.alignment, "resize_mode": mode}).save(tmp_path / "model.pt")
+    out = run_script(project, "source_grid.py", "--samples", str(tmp_path / "test_samples.npz"), "--model",
+                     str(tmp_path / "model.pt"), "--size", "128", "128", "--out", str(tmp_path / "native.npz"))
+    assert f"{mode} back to (128, 128)" in out
+    with np.load(tmp_path / "native.npz") as native:
+        assert native["samples"].shape == masks.shape and list(native["case_ids"]) == list(raters.cases["case_id"])
+        back = native["samples"]
+    result = evaluate(tmp_path / "native.npz", tree, only_sampled=True, figure_cases=0)
+    if mode == "crop_pad":
+        assert np.array_equal(back, raters.masks)
+        assert result.summary["ged"] == pytest.approx(0.0, abs=1e-12) and result.summary["hm_iou"] == pytest.approx(1.0)
+    else:
+        drawn = masks.reshape(-1, 128 * 128).sum(1) > 0
+        overlap = (back.reshape(-1, 128 * 128) & raters.masks.reshape(-1, 128 * 128)).sum(1)
+        union = (back.reshape(-1, 128 * 128) | raters.masks.reshape(-1, 128 * 128)).sum(1)
+        # masks of a few pixels vanish at 64 x 64 whatever the way back; the rest keep their place
+        assert overlap[drawn].sum() / union[drawn].sum() > 0.9 and not back.reshape(-1, 128 * 128)[~drawn].any()
+        assert 0 < result.summary["ged"] < 0.12 and result.summary["hm_iou"] > 0.8
