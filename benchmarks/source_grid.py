@@ -13,7 +13,7 @@ tree as stored (docs/evaluation.md):
     python benchmarks/source_grid.py --samples data/07_model_output/test_samples.npz \\
         --model data/06_models/model.pt --size 128 128 --out native_samples.npz
     python -m cimd_pipeline evaluate native_samples.npz /path/to/LIDC-IDRI-slices --only-sampled \\
-        --out data/08_reporting/native --compare-with other_native_samples.npz
+        --out data/08_reporting/native --compare other_native_samples.npz
 """
 
 from __future__ import annotations
