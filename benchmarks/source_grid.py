@@ -29,16 +29,21 @@ from cimd_pipeline.io.sample_dataset import SampleSetDataset
 from cimd_pipeline.models.trained import TrainedModel
 
 
-def to_source_grid(soft: np.ndarray, size: tuple[int, int], mode: ResizeMode) -> np.ndarray:
+def to_source_grid(soft: np.ndarray, size: tuple[int, int], mode: ResizeMode, block: int = 256) -> np.ndarray:
     """Soft samples (B, N, h, w) on the model's grid to binary uint8 (B, N, *size) on the source's.
 
     Resizing back interpolates the soft values, not the thresholded masks, so a border keeps the
     sub-pixel place the model gave it; padding fills 0, the threshold, which reads as background.
+    ``block`` cases at a time: only the binary result is held whole (a float32 copy of LIDC's test
+    split at 128 x 128 would be 3 GB).
     """
     cases, n = soft.shape[:2]
-    flat = np.asarray(soft, dtype=np.float32).reshape(cases * n, *soft.shape[2:])
-    back = fit_to_size(flat, size, mode, is_mask=False)
-    return (back > 0).astype(np.uint8).reshape(cases, n, *size)
+    out = np.empty((cases, n, *size), dtype=np.uint8)
+    for start in range(0, cases, block):
+        part = np.asarray(soft[start : start + block], dtype=np.float32)
+        back = fit_to_size(part.reshape(-1, *soft.shape[2:]), size, mode, is_mask=False)
+        out[start : start + block] = (back > 0).reshape(len(part), n, *size)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
