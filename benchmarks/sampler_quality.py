@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -95,17 +96,21 @@ def tempered(net: torch.nn.Module, temperature: float) -> torch.nn.Module:
     return net
 
 
-def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int) -> dict[str, float]:
-    """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``."""
+def evaluate(model: TrainedModel, data, sampler: str, samples: int, batch: int, seed: int,
+             prior: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
+    """Mean metrics over ``data``'s cases and the sampling cost of ``sampler``; ``prior`` (built
+    network -> module) replaces a ``cimd_latent`` model's prior p(z | image), as ``+posterior`` does."""
     method, steps, bf16, temperature, posterior = parse_sampler(sampler)
     params = SamplingParams(
         method=method, steps=steps, num_samples=samples, batch_size=batch, seed=seed, progress=False, bf16=bf16
     )
     net = tempered(model.build(), temperature)
     if posterior:
+        prior = lambda built: PosteriorCodes(built.amn, data.masks, data.rater_valid, samples)
+    if prior is not None:
         if not getattr(net, "latent", False):
-            raise SystemExit(f"{sampler}: +posterior needs a cimd_latent model, got {model.params.variant.value}")
-        net.acn = PosteriorCodes(net.amn, data.masks, data.rater_valid, samples)
+            raise SystemExit(f"{sampler}: another prior needs a cimd_latent model, got {model.params.variant.value}")
+        net.acn = prior(net)
     started = time.process_time()
     drawn = draw_ensembles(net, data.images, data.cases["case_id"].to_numpy(), params, torch.device("cpu"))
     cpu = time.process_time() - started
