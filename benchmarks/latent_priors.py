@@ -52,7 +52,7 @@ CHECK_EVERY, PATIENCE = 100, 5
 
 
 @torch.no_grad()
-def posterior_codes(amn: nn.Module, data, batch: int = 256) -> tuple[Tensor, Tensor, np.ndarray]:
+def posterior_codes(amn: nn.Module, data, batch: int = 256) -> Codes:
     """Mean and standard deviation (P, k) of q(z | image, mask) for each of the P (case, valid
     rater) pairs of ``data``, and the case index (P,) of each pair."""
     cases, raters = np.nonzero(np.asarray(data.rater_valid))
@@ -80,10 +80,14 @@ class TrainingCodes(nn.Module):
         return MixtureSameFamily(Categorical(logits=torch.zeros(rows, pairs)), components)
 
 
+Codes = tuple[Tensor, Tensor, np.ndarray]
+
+
 @torch.no_grad()
-def code_nll(prior: nn.Module, amn: nn.Module, data, batch: int = 256) -> float:
-    """Mean −log p(posterior mean | image) over ``data``'s (case, valid rater) pairs."""
-    means, _, cases = posterior_codes(amn, data, batch)
+def code_nll(prior: nn.Module, data, codes: Codes, batch: int = 256) -> float:
+    """Mean −log p(posterior mean | image) over ``data``'s (case, valid rater) pairs, whose
+    `posterior_codes` are ``codes``."""
+    means, _, cases = codes
     total = 0.0
     for start in range(0, len(cases), batch):
         image = torch.from_numpy(np.asarray(data.images[cases[start:start + batch]], dtype=np.float32))
@@ -91,11 +95,12 @@ def code_nll(prior: nn.Module, amn: nn.Module, data, batch: int = 256) -> float:
     return total / len(cases)
 
 
-def refit_prior(acn: nn.Module, amn: nn.Module, train, steps: int, seed: int, val=None,
+def refit_prior(acn: nn.Module, train, codes: Codes, steps: int, seed: int, val=None, val_codes: Codes | None = None,
                 batch: int = 64, lr: float = 1e-3) -> nn.Module:
-    """A copy of ``acn`` trained alone by the log-likelihood of draws of the training posteriors;
-    with ``val``, the copy of the step whose validation code NLL was lowest (see `CHECK_EVERY`)."""
-    means, stds, cases = posterior_codes(amn, train)
+    """A copy of ``acn`` trained alone by the log-likelihood of draws of the training posteriors
+    ``codes``; with ``val`` and its ``val_codes``, the copy of the step whose validation code NLL
+    was lowest (see `CHECK_EVERY`)."""
+    means, stds, cases = codes
     images = torch.from_numpy(np.asarray(train.images, dtype=np.float32))
     prior = copy.deepcopy(acn).train().requires_grad_(True)
     optimiser = torch.optim.Adam(prior.parameters(), lr=lr)
@@ -109,7 +114,7 @@ def refit_prior(acn: nn.Module, amn: nn.Module, train, steps: int, seed: int, va
         loss.backward()
         optimiser.step()
         if val is not None and step % CHECK_EVERY == 0:
-            nll = code_nll(prior, amn, val)
+            nll = code_nll(prior, val, val_codes)
             stale = 0 if nll < best else stale + 1
             if nll < best:
                 best, best_state = nll, copy.deepcopy(prior.state_dict())
@@ -120,17 +125,18 @@ def refit_prior(acn: nn.Module, amn: nn.Module, train, steps: int, seed: int, va
     return prior.eval().requires_grad_(False)
 
 
-def fit_prior(name: str, net: nn.Module, data, args, seed: int) -> nn.Module | None:
-    """The prior module for ``name`` on the built model ``net`` (None for ``posterior``)."""
-    train = data.subset("train")
+def fit_prior(name: str, net: nn.Module, data, codes: Codes, args, seed: int) -> nn.Module | None:
+    """The prior module for ``name`` on the built model ``net`` whose training split's posterior
+    codes are ``codes`` (None for ``posterior``)."""
     if name == "learned":
         return net.acn
     if name == "training_codes":
-        means, stds, _ = posterior_codes(net.amn, train)
-        return TrainingCodes(means, stds)
-    if name in ("refit", "refit_early"):
-        val = data.subset("val") if name == "refit_early" else None
-        return refit_prior(net.acn, net.amn, train, args.refit_steps, seed, val)
+        return TrainingCodes(*codes[:2])
+    if name == "refit":
+        return refit_prior(net.acn, data.subset("train"), codes, args.refit_steps, seed)
+    if name == "refit_early":
+        val = data.subset("val")
+        return refit_prior(net.acn, data.subset("train"), codes, args.refit_steps, seed, val, posterior_codes(net.amn, val))
     return None
 
 
@@ -141,14 +147,15 @@ def run_seed(args, seed: int, data) -> list[dict]:
     net = model.build().eval()
     if not getattr(net, "latent", False):
         raise SystemExit(f"{path}: latent priors need a cimd_latent model, got {model.params.variant.value}")
-    test = data.subset("test").take(args.cases)
+    train, test = data.subset("train"), data.subset("test").take(args.cases)
+    train_codes, test_codes = posterior_codes(net.amn, train), posterior_codes(net.amn, test)
     rows = []
     for name in args.priors:
-        prior = fit_prior(name, net, data, args, seed)
+        prior = fit_prior(name, net, data, train_codes, args, seed)
         sampler = f"ddim{args.steps}" + ("+posterior" if prior is None else "")
         row = {"prior": name, "seed": seed}
         if prior is not None:
-            row.update(nll_train=code_nll(prior, net.amn, data.subset("train")), nll_test=code_nll(prior, net.amn, test))
+            row.update(nll_train=code_nll(prior, train, train_codes), nll_test=code_nll(prior, test, test_codes))
         scores = evaluate(model, test, sampler, args.samples, args.batch, seed,
                           prior=None if prior is None else (lambda _net, p=prior: p))
         row.update({k: scores[k] for k in FIGURES if k in scores})

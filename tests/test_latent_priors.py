@@ -85,18 +85,19 @@ def test_code_nll_is_the_mean_negative_log_likelihood_of_the_posterior_means(pri
     means, _, cases = priors.posterior_codes(net.amn, data)
     with torch.no_grad():
         want = -net.acn(torch.from_numpy(data.images[cases])).log_prob(means).mean()
-    assert priors.code_nll(net.acn, net.amn, data, batch=7) == pytest.approx(float(want), rel=1e-5)
+    assert priors.code_nll(net.acn, data, (means, _, cases), batch=7) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_refit_fits_the_prior_to_the_training_codes_and_leaves_the_model_s_own_untouched(priors):
     data, net = small_set(), latent_net()
     train = data.subset("train")
+    codes = priors.posterior_codes(net.amn, train)
     before = {k: v.clone() for k, v in net.acn.state_dict().items()}
-    refit = priors.refit_prior(net.acn, net.amn, train, steps=60, seed=0)
-    assert priors.code_nll(refit, net.amn, train) < priors.code_nll(net.acn, net.amn, train) - 0.5
+    refit = priors.refit_prior(net.acn, train, codes, steps=60, seed=0)
+    assert priors.code_nll(refit, train, codes) < priors.code_nll(net.acn, train, codes) - 0.5
     assert all(torch.equal(before[k], v) for k, v in net.acn.state_dict().items())
     assert not any(p.requires_grad for p in refit.parameters()) and not refit.training
-    again = priors.refit_prior(net.acn, net.amn, train, steps=60, seed=0)
+    again = priors.refit_prior(net.acn, train, codes, steps=60, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(refit.state_dict().values(), again.state_dict().values()))
 
 
@@ -104,19 +105,21 @@ def test_refit_early_returns_the_prior_of_the_best_validation_check(priors, monk
     data, net = small_set(), latent_net()
     checks, plain = [], priors.code_nll
 
-    def recorded(prior, amn, split, batch=256):
-        value = plain(prior, amn, split, batch)
+    def recorded(prior, split, codes, batch=256):
+        value = plain(prior, split, codes, batch)
         checks.append(value)
         return value
 
     monkeypatch.setattr(priors, "CHECK_EVERY", 5)
     monkeypatch.setattr(priors, "PATIENCE", 3)
     monkeypatch.setattr(priors, "code_nll", recorded)
-    val = data.subset("val")
-    refit = priors.refit_prior(net.acn, net.amn, data.subset("train"), steps=400, seed=1, val=val, lr=0.05)
+    train, val = data.subset("train"), data.subset("val")
+    val_codes = priors.posterior_codes(net.amn, val)
+    refit = priors.refit_prior(net.acn, train, priors.posterior_codes(net.amn, train), steps=400, seed=1,
+                               val=val, val_codes=val_codes, lr=0.05)
     best = int(np.argmin(checks))
     assert len(checks) == best + 1 + 3 < 400 // 5  # stopped three checks after the best
-    assert plain(refit, net.amn, val) == pytest.approx(checks[best])
+    assert plain(refit, val, val_codes) == pytest.approx(checks[best])
 
 
 def test_latent_priors_tabulates_every_prior_for_each_seed(priors, project, tmp_path):  # noqa: F811
