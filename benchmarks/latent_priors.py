@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from _direct import add_data_arguments, aligned_data
 from _kedro import ROOT
-from sampler_quality import evaluate
+from sampler_quality import evaluate, parse_sampler
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
@@ -152,7 +152,7 @@ def run_seed(args, seed: int, data) -> list[dict]:
     rows = []
     for name in args.priors:
         prior = fit_prior(name, net, data, train_codes, args, seed)
-        sampler = f"ddim{args.steps}" + ("+posterior" if prior is None else "")
+        sampler = args.sampler + ("+posterior" if prior is None else "")
         row = {"prior": name, "seed": seed}
         if prior is not None:
             row.update(nll_train=code_nll(prior, train, train_codes), nll_test=code_nll(prior, test, test_codes))
@@ -179,13 +179,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="model and sampling seeds")
     parser.add_argument("--priors", nargs="+", choices=PRIORS, default=list(PRIORS))
     parser.add_argument("--cases", type=int, default=60, help="the first K test cases")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--sampler", default="ddim50", help="as sampler_quality.py names it, without +posterior "
+                        "(e.g. ddim5+bf16, the LIDC CPU recipe's)")
     parser.add_argument("--samples", type=int, default=16, help="masks per case (N)")
     parser.add_argument("--batch", type=int, default=16, help="rows per sampling batch")
     parser.add_argument("--refit-steps", type=int, default=2000, help="training steps of refit (most for refit_early)")
     parser.add_argument("--out", default=str(ROOT / "data/08_reporting/latent_priors.csv"))
     add_data_arguments(parser)
     args = parser.parse_args()
+    if parse_sampler(args.sampler)[4]:
+        parser.error("--sampler: the posterior is one of the --priors, not a sampler")
     data = aligned_data(args.aligned, args.env)
     table = pd.DataFrame([row for seed in args.seeds for row in run_seed(args, seed, data)])
     out = Path(args.out)

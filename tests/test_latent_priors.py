@@ -129,7 +129,7 @@ def test_latent_priors_tabulates_every_prior_for_each_seed(priors, project, tmp_
             tmp_path / f"latent-{seed}.pt")
     out = tmp_path / "priors.csv"
     run_script(project, "latent_priors.py", "--env", "test", "--model", str(tmp_path / "latent-{seed}.pt"),
-               "--seeds", "0", "1", "--cases", "2", "--samples", "2", "--steps", "2", "--refit-steps", "3",
+               "--seeds", "0", "1", "--cases", "2", "--samples", "2", "--sampler", "ddim2", "--refit-steps", "3",
                "--out", str(out))
     table = pd.read_csv(out)
     assert list(table["prior"]) == list(priors.PRIORS) * 2 and list(table["seed"]) == [0] * 5 + [1] * 5
