@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent, MixtureSameFamily, Normal
 
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.models.ambiguity import draw
@@ -78,6 +78,16 @@ def test_training_codes_are_one_equal_mixture_of_the_posteriors_whatever_the_ima
     assert nearest.values.max() < 0.01  # every draw is one of the codes
     counts = torch.bincount(nearest.indices, minlength=3)
     assert counts.min() > 100  # and each is drawn about a third of the time
+
+
+def test_the_mixture_s_fast_likelihood_is_the_generic_one(priors):
+    generator = torch.Generator().manual_seed(0)
+    means = 2 * torch.randn(300, 6, generator=generator)
+    stds = torch.rand(300, 6, generator=generator) + 0.05
+    mixture = priors.TrainingCodes(means, stds)(torch.zeros(40, 1, 4, 4))
+    z = 2 * torch.randn(40, 6, generator=generator)
+    generic = MixtureSameFamily.log_prob(mixture, z)
+    assert torch.allclose(mixture.log_prob(z), generic, atol=1e-4) and generic.std() > 1  # distinct values
 
 
 def test_code_nll_is_the_mean_negative_log_likelihood_of_the_posterior_means(priors):
