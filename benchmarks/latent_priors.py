@@ -1,5 +1,5 @@
-"""Where a ``cimd_latent`` model draws its codes from at sampling: its learned prior against two
-priors fitted after training, with the raters' own posteriors as the bound, on the same denoiser.
+"""Where a ``cimd_latent`` model draws its codes from at sampling: its learned prior against priors
+fitted after training, with the raters' own posteriors as the bound, on the same denoiser.
 
 The denoiser of ``cimd_latent`` samples better from the posterior codes of a case's own raters than
 DDPM-Prob-Seg does, and worse from its learned prior p(z | image) (docs/quality.md, "`cimd_latent`").
@@ -47,9 +47,11 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from cimd_pipeline.models.trained import TrainedModel
 
 PRIORS = ("learned", "training_codes", "refit", "refit_early", "posterior")
-FIGURES = ("ged", "ged_oracle", "hm_iou", "dice_max", "ged_cross", "diversity_samples", "diversity_oracle")
+FIGURES = ("ged", "ged_floor", "ged_oracle", "hm_iou", "dice_max", "ged_cross", "diversity_samples", "diversity_oracle")
 #: Validation checks of ``refit_early``: one every CHECK_EVERY steps, stop after PATIENCE without a gain.
 CHECK_EVERY, PATIENCE = 100, 5
+#: Posterior codes of a split: means and standard deviations (P, k), and the case of each of the P pairs.
+Codes = tuple[Tensor, Tensor, np.ndarray]
 
 
 @torch.no_grad()
@@ -94,9 +96,6 @@ class TrainingCodes(nn.Module):
         normal = Normal(self.means.expand(rows, pairs, k), self.stds.expand(rows, pairs, k), validate_args=False)
         weights = Categorical(logits=torch.zeros(rows, pairs), validate_args=False)
         return EqualDiagonalMixture(weights, Independent(normal, 1, validate_args=False), validate_args=False)
-
-
-Codes = tuple[Tensor, Tensor, np.ndarray]
 
 
 @torch.no_grad()
