@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from _direct import add_data_arguments, aligned_data
 from _kedro import ROOT
-from sampler_quality import evaluate, parse_sampler
+from sampler_quality import evaluate, parse_sampler, rater_posterior
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
@@ -63,8 +63,7 @@ def posterior_codes(amn: nn.Module, data, batch: int = 256) -> Codes:
     for start in range(0, len(cases), batch):
         c, r = cases[start:start + batch], raters[start:start + batch]
         image = torch.from_numpy(np.asarray(data.images[c], dtype=np.float32))
-        mask = torch.from_numpy(np.asarray(data.masks[c, r], dtype=np.float32))[:, None]
-        posterior = amn(torch.cat([image, 2.0 * mask - 1.0], dim=1))
+        posterior = rater_posterior(amn, image, torch.from_numpy(np.asarray(data.masks[c, r]))[:, None])
         means.append(posterior.mean)
         stds.append(posterior.stddev)
     return torch.cat(means), torch.cat(stds), cases
@@ -140,18 +139,17 @@ def refit_prior(acn: nn.Module, train, codes: Codes, steps: int, seed: int, val=
     return prior.eval().requires_grad_(False)
 
 
-def fit_prior(name: str, net: nn.Module, data, codes: Codes, args, seed: int) -> nn.Module | None:
-    """The prior module for ``name`` on the built model ``net`` whose training split's posterior
-    codes are ``codes`` (None for ``posterior``)."""
+def fit_prior(name: str, net: nn.Module, data, train, codes: Codes, args, seed: int) -> nn.Module | None:
+    """The prior module for ``name`` on the built model ``net`` whose ``train`` split's posterior
+    codes are ``codes`` (None for ``posterior``); ``refit_early`` stops on ``data``'s val split."""
     if name == "learned":
         return net.acn
     if name == "training_codes":
         return TrainingCodes(*codes[:2])
-    if name == "refit":
-        return refit_prior(net.acn, data.subset("train"), codes, args.refit_steps, seed)
-    if name == "refit_early":
-        val = data.subset("val")
-        return refit_prior(net.acn, data.subset("train"), codes, args.refit_steps, seed, val, posterior_codes(net.amn, val))
+    if name in ("refit", "refit_early"):
+        val = data.subset("val") if name == "refit_early" else None
+        val_codes = None if val is None else posterior_codes(net.amn, val)
+        return refit_prior(net.acn, train, codes, args.refit_steps, seed, val, val_codes)
     return None
 
 
@@ -166,7 +164,7 @@ def run_seed(args, seed: int, data) -> list[dict]:
     train_codes, test_codes = posterior_codes(net.amn, train), posterior_codes(net.amn, test)
     rows = []
     for name in args.priors:
-        prior = fit_prior(name, net, data, train_codes, args, seed)
+        prior = fit_prior(name, net, data, train, train_codes, args, seed)
         sampler = args.sampler + ("+posterior" if prior is None else "")
         row = {"prior": name, "seed": seed}
         if prior is not None:

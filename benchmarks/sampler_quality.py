@@ -52,6 +52,12 @@ def parse_sampler(name: str) -> tuple[str, int, bool, float, bool]:
     return match.group(1), int(match.group(2)), bool(match.group(3)), float(match.group(4) or 1.0), bool(match.group(5))
 
 
+def rater_posterior(amn: nn.Module, image: torch.Tensor, mask: torch.Tensor):
+    """q(z | image, mask) of a ``cimd_latent`` model for rater masks (B, 1, H, W) in {0, 1}, fed to
+    the AMN in [-1, 1] as in training."""
+    return amn(torch.cat([image, 2.0 * mask.to(image.device, torch.float32) - 1.0], dim=1))
+
+
 class PosteriorCodes(nn.Module):
     """Stands in for ``cimd_latent``'s prior p(z | image) while sampling: flat row r (member r % N of
     case r // N, `cimd_pipeline.sample_rows`) gets the posterior q(z | image, mask) of the case's
@@ -71,8 +77,7 @@ class PosteriorCodes(nn.Module):
         self.next_row += len(image)
         cases, members = rows // self.samples, rows % self.samples
         raters = [np.flatnonzero(self.valid[c])[m % self.valid[c].sum()] for c, m in zip(cases, members)]
-        mask = torch.from_numpy(np.asarray(self.masks[cases, raters], dtype=np.float32))[:, None]
-        return self.amn(torch.cat([image, 2.0 * mask.to(image.device) - 1.0], dim=1))
+        return rater_posterior(self.amn, image, torch.from_numpy(np.asarray(self.masks[cases, raters]))[:, None])
 
 
 class TemperedRows(RowGenerators):
