@@ -76,6 +76,10 @@ CONFIGS: dict[str, dict[str, object]] = {
     # the same with a prior that is a mixture of 4 Gaussians (models/ambiguity.py)
     "cimd_latent_mix4": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent",
                          "model.ambiguity_nets.prior_components": 4},
+    # the mixture with free bits: the posterior is not pulled toward the prior under 3 nats
+    # (models/ambiguity.py, free_bits_kl)
+    "cimd_latent_mix4_free3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent",
+                               "model.ambiguity_nets.prior_components": 4, "model.ambiguity_nets.free_nats": 3.0},
     "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
     # conf/base with every valid rater of an image in one step (training/rater_rows.py)
     "all_raters": {"training.all_raters": True},

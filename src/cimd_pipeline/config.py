@@ -81,6 +81,10 @@ class AmbiguityNetParams(Strict):
     filters: tuple[int, ...] = (32, 64, 128, 192)
     # Gaussians in the ACN prior of cimd_latent (1: one Gaussian; docs/ambiguity_nets.md)
     prior_components: int = Field(1, ge=1)
+    # free bits of cimd_latent (Kingma et al. 2016): while the batch's mean KL is under this many
+    # nats the posterior is not pulled toward the prior; the prior always fits the posterior's
+    # codes (0: the plain KL; docs/ambiguity_nets.md)
+    free_nats: float = Field(0.0, ge=0)
 
 
 # --- baselines: Probabilistic U-Net and PHiSeg (docs/baselines.md) --------------------------------------
@@ -164,6 +168,11 @@ class ModelParams(Strict):
             raise ValueError(
                 f"ambiguity_nets.prior_components={self.ambiguity_nets.prior_components} needs "
                 f"variant 'cimd_latent', the only variant that samples from its prior; got {self.variant.value!r}"
+            )
+        if self.ambiguity_nets.free_nats > 0 and self.variant is not Variant.CIMD_LATENT:
+            raise ValueError(
+                f"ambiguity_nets.free_nats={self.ambiguity_nets.free_nats} needs variant 'cimd_latent', "
+                f"whose latent conditions the denoiser; got {self.variant.value!r}"
             )
         problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         problems += weighting_problems(self.prediction_type, self.loss_weighting)

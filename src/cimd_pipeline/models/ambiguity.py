@@ -43,7 +43,7 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models import draws
 
-__all__ = ["Covariance", "GaussianEncoder", "draw", "kl_divergence", "kl_estimate"]
+__all__ = ["Covariance", "GaussianEncoder", "detached", "draw", "free_bits_kl", "kl_divergence", "kl_estimate"]
 
 # Added to the softplus of every standard deviation (diagonal sigma, Cholesky diagonal) so that
 # Sigma stays positive definite and log(sigma) finite.
@@ -318,3 +318,34 @@ def kl_estimate(posterior: Distribution, prior: Distribution, z: Tensor) -> Tens
             f"{tuple(posterior.event_shape)}, {tuple(prior.event_shape)} and z of shape {tuple(z.shape)}"
         )
     return posterior.log_prob(z) - prior.log_prob(z)
+
+
+def detached(dist: Distribution) -> Distribution:
+    """The same Gaussian or mixture of Gaussians with its parameters cut from the graph."""
+    if isinstance(dist, MixtureSameFamily):
+        weights = Categorical(logits=dist.mixture_distribution.logits.detach(), validate_args=False)
+        return MixtureSameFamily(weights, detached(dist.component_distribution), validate_args=False)
+    diagonal = _diagonal_params(dist)
+    if diagonal is not None:
+        mu, sigma = diagonal
+        return Independent(Normal(mu.detach(), sigma.detach(), validate_args=False), 1, validate_args=False)
+    if isinstance(dist, MultivariateNormal):
+        return MultivariateNormal(dist.loc.detach(), scale_tril=dist.scale_tril.detach(), validate_args=False)
+    raise TypeError(f"expected a Gaussian or a mixture of Gaussians, got {type(dist).__name__}")
+
+
+def free_bits_kl(posterior: Distribution, prior: Distribution, z: Tensor, free_nats: float) -> Tensor:
+    """``KL(posterior || prior)`` per sample (N,) whose gradient leaves the posterior alone while the
+    batch's mean KL is under ``free_nats`` (free bits, Kingma et al. 2016, on the whole code).
+
+    The plain free-bits loss ``max(KL, free_nats)`` would also stop training the prior, which
+    ``cimd_latent`` samples from; here the prior always follows the gradient of the KL (it fits the
+    posterior's codes), and the posterior, with ``z`` and so the AMN, only once the batch spends more
+    than ``free_nats``. The value is the KL itself, so the logged loss stays comparable.
+    """
+    kl = kl_estimate(posterior, prior, z)
+    prior_part = kl_estimate(detached(posterior), prior, z.detach())
+    posterior_part = kl_estimate(posterior, detached(prior), z)
+    pulled = (kl.mean() > free_nats).to(kl.dtype).detach()
+    moving = (prior_part - prior_part.detach()) + pulled * (posterior_part - posterior_part.detach())
+    return kl.detach() + moving

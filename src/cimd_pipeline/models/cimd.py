@@ -18,7 +18,8 @@ target mask and whether the encoders exist:
   loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws its own z from that prior, so prior
   sampling needs nothing the chain has not made yet. With ``ambiguity_nets.prior_components`` > 1
   the prior is a mixture of that many Gaussians and the KL its one-draw Monte Carlo estimate at
-  the posterior's z (`cimd_pipeline.models.ambiguity.kl_estimate`).
+  the posterior's z (`cimd_pipeline.models.ambiguity.kl_estimate`). ``ambiguity_nets.free_nats``
+  > 0 leaves the posterior free of the KL below that many nats (`free_bits_kl`).
 
 The diffusion recipe (``model.noise_schedule``, ``input_scale``, ``loss_weighting``,
 ``output_activation``, ``self_condition``; docs/quality.md) applies to every variant. With input
@@ -47,7 +48,14 @@ from cimd_pipeline.diffusion import (
 )
 from cimd_pipeline.diffusion.noise import Generator
 from cimd_pipeline.models import draws
-from cimd_pipeline.models.ambiguity import Covariance, GaussianEncoder, draw, kl_divergence, kl_estimate
+from cimd_pipeline.models.ambiguity import (
+    Covariance,
+    GaussianEncoder,
+    draw,
+    free_bits_kl,
+    kl_divergence,
+    kl_estimate,
+)
 from cimd_pipeline.models.denoiser import ConditionalDenoiser
 
 
@@ -128,7 +136,8 @@ class CIMD(nn.Module):
         if self.latent:
             posterior = self.amn(torch.cat([image, x0], dim=1))
             z = draw(posterior, generator)
-            kl = kl_estimate(posterior, self.acn(image), z)
+            prior, free_nats = self.acn(image), self.params.ambiguity_nets.free_nats
+            kl = free_bits_kl(posterior, prior, z, free_nats) if free_nats > 0 else kl_estimate(posterior, prior, z)
         condition = self._training_condition(x_t, image, t, generator, z)
         out = self.model_output(x_t, image, t, condition, z)
         terms = self.diffusion.training_losses(out, scaled, x_t, t, noise, self.params.vlb_weight)

@@ -52,8 +52,9 @@ def model_identity(model: ModelParams | dict[str, Any]) -> dict[str, Any]:
 
     The baselines read their own ``baselines`` fields only; the diffusion variants read everything
     but ``baselines``, less the AMN/ACN fields without ambiguity nets, ``acn_input`` for
-    ``cimd_latent`` (its ACN sees the image only), ``prior_components`` at its default of 1, the
-    linear ramp's ends under the cosine schedule and ``min_snr_gamma`` unless the loss is ``min_snr``.
+    ``cimd_latent`` (its ACN sees the image only), ``prior_components`` and ``free_nats`` at their
+    defaults, the linear ramp's ends under the cosine schedule and ``min_snr_gamma`` unless the
+    loss is ``min_snr``.
     """
     params = ModelParams.model_validate(model)
     plain = params.model_dump(mode="json")
@@ -65,8 +66,10 @@ def model_identity(model: ModelParams | dict[str, Any]) -> dict[str, Any]:
         drop.update(_AMBIGUITY_FIELDS)
     elif params.variant is Variant.CIMD_LATENT:
         plain["ambiguity_nets"].pop("acn_input")
-    if "ambiguity_nets" not in drop and params.ambiguity_nets.prior_components == 1:
-        plain["ambiguity_nets"].pop("prior_components")  # a later field: runs without it keep their fingerprint
+    if "ambiguity_nets" not in drop:  # later fields: runs without them keep their fingerprint
+        for field, default in (("prior_components", 1), ("free_nats", 0.0)):
+            if plain["ambiguity_nets"][field] == default:
+                plain["ambiguity_nets"].pop(field)
     if params.noise_schedule is NoiseSchedule.COSINE:
         drop.update(("beta_start", "beta_end"))
     if params.loss_weighting is not LossWeighting.MIN_SNR:
