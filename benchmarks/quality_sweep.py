@@ -80,6 +80,12 @@ CONFIGS: dict[str, dict[str, object]] = {
     # (models/ambiguity.py, free_bits_kl)
     "cimd_latent_mix4_free3": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent",
                                "model.ambiguity_nets.prior_components": 4, "model.ambiguity_nets.free_nats": 3.0},
+    # the mixture with z through the timestep embedding of every residual block, applied after the
+    # norm (models/denoiser.py): constant input channels reach the first convolution only
+    "cimd_latent_mix4_every_level": {**COSINE_TANH, "training.lr": 1e-3, "model.variant": "cimd_latent",
+                                     "model.ambiguity_nets.prior_components": 4,
+                                     "model.ambiguity_nets.latent_conditioning": "every_level",
+                                     "model.unet.scale_shift_norm": True},
     "groups_8": {**COSINE_TANH, "training.lr": 1e-3, "model.unet.norm_num_groups": 8},
     # conf/base with every valid rater of an image in one step (training/rater_rows.py)
     "all_raters": {"training.all_raters": True},
@@ -100,6 +106,9 @@ CONFIGS: dict[str, dict[str, object]] = {
     "unet_32_64_64": {"model.unet.channels": [32, 64, 64]},
     "unet_16_32_64": {"model.unet.channels": [16, 32, 64]},
     # small turns, shifts and zooms of image and masks together (training/augment.py)
+    # conf/base with the timestep embedding as a scale and shift after each block's second norm,
+    # which one-channel groups otherwise erase (models/denoiser.py)
+    "scale_shift": {"model.unet.scale_shift_norm": True},
     "affine": {"training.affine_rotation": 15.0, "training.affine_translation": 0.05, "training.affine_scaling": 0.1},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")

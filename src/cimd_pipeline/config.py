@@ -85,6 +85,9 @@ class AmbiguityNetParams(Strict):
     # nats the posterior is not pulled toward the prior; the prior always fits the posterior's
     # codes (0: the plain KL; docs/ambiguity_nets.md)
     free_nats: float = Field(0.0, ge=0)
+    # how z reaches the cimd_latent denoiser: as constant input channels, or through the timestep
+    # embedding that every residual block of every level reads (models/denoiser.py)
+    latent_conditioning: Literal["input_channels", "every_level"] = "input_channels"
 
 
 # --- baselines: Probabilistic U-Net and PHiSeg (docs/baselines.md) --------------------------------------
@@ -169,11 +172,14 @@ class ModelParams(Strict):
                 f"ambiguity_nets.prior_components={self.ambiguity_nets.prior_components} needs "
                 f"variant 'cimd_latent', the only variant that samples from its prior; got {self.variant.value!r}"
             )
-        if self.ambiguity_nets.free_nats > 0 and self.variant is not Variant.CIMD_LATENT:
-            raise ValueError(
-                f"ambiguity_nets.free_nats={self.ambiguity_nets.free_nats} needs variant 'cimd_latent', "
-                f"whose latent conditions the denoiser; got {self.variant.value!r}"
-            )
+        nets = self.ambiguity_nets
+        for field, value, default in (("free_nats", nets.free_nats, 0.0),
+                                      ("latent_conditioning", nets.latent_conditioning, "input_channels")):
+            if value != default and self.variant is not Variant.CIMD_LATENT:
+                raise ValueError(
+                    f"ambiguity_nets.{field}={value!r} needs variant 'cimd_latent', whose latent "
+                    f"conditions the denoiser; got {self.variant.value!r}"
+                )
         problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         problems += weighting_problems(self.prediction_type, self.loss_weighting)
         if problems:  # the same function builds the model's schedule (models/cimd.py)

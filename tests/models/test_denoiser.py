@@ -174,3 +174,54 @@ def test_seeded_construction_is_deterministic():
     assert torch.equal(out_a, out_b)
     assert not all(torch.equal(state_a[k], state_c[k]) for k in state_a)
     assert not torch.allclose(out_a, out_c)
+
+
+def _first_block_outputs(cfg: UNetConfig, t_values) -> list[torch.Tensor]:
+    """The first residual block's output (full resolution) for each timestep, same x_t and image."""
+    model = ConditionalDenoiser(cfg, image_channels=1)
+    _randomise_zero_weights(model)
+    block = model.net.down_blocks[0].resnets[0]
+    outputs = []
+    block.register_forward_hook(lambda m, args, out: outputs.append(out))
+    x_t, image, _ = _inputs(1)
+    for t in t_values:
+        model(x_t, image, torch.full((BATCH,), t))
+    return outputs
+
+
+def test_one_channel_groups_erase_the_added_timestep_and_scale_shift_norm_restores_it():
+    # 16 channels in 16 groups at the first level: the embedding added before the second norm is
+    # a per-channel constant that the norm removes
+    added = _first_block_outputs(TINY, (10, 900))
+    torch.testing.assert_close(added[0], added[1], atol=1e-5, rtol=0)
+    scaled = _first_block_outputs(UNetConfig(channels=(16, 32, 32), norm_num_groups=16, scale_shift_norm=True), (10, 900))
+    assert (scaled[0] - scaled[1]).abs().max() > 1e-2
+
+
+def test_scale_shift_block_follows_improved_diffusion():
+    model = ConditionalDenoiser(UNetConfig(channels=(16, 32, 32), norm_num_groups=16, scale_shift_norm=True), 1)
+    _randomise_zero_weights(model)
+    block = model.net.down_blocks[1].resnets[0]  # 16 -> 32 channels: a skip convolution too
+    assert block.time_emb_proj.out_features == 2 * 32
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, block.time_emb_proj.in_features)
+    h = block.conv1(nn.functional.silu(block.norm1(x)))
+    scale, shift = block.time_emb_proj(nn.functional.silu(emb)).chunk(2, dim=1)
+    h = block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    expected = block.skip_connection(x) + block.conv2(nn.functional.silu(h))
+    torch.testing.assert_close(block(x, emb), expected)
+
+
+def test_scale_shift_norm_survives_copies_and_state_dicts():
+    import copy
+
+    cfg = UNetConfig(channels=(16, 32, 32), norm_num_groups=16, scale_shift_norm=True)
+    model = ConditionalDenoiser(cfg, image_channels=1)
+    _randomise_zero_weights(model)
+    x_t, image, t = _inputs(1)
+    twin = copy.deepcopy(model)  # as the EMA copies its model
+    torch.testing.assert_close(twin(x_t, image, t), model(x_t, image, t))
+    fresh = ConditionalDenoiser(cfg, image_channels=1)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x_t, image, t), model(x_t, image, t))
+    with pytest.raises(RuntimeError, match="time_emb_proj"):  # a plain U-Net cannot take its weights
+        ConditionalDenoiser(TINY, image_channels=1).load_state_dict(model.state_dict())

@@ -34,7 +34,8 @@ BASES = {
 }
 SWITCHED = ("beta_start", "beta_end", "noise_schedule", "input_scale", "loss_weighting", "min_snr_gamma")
 # Changes that the model block refuses outside these variants (tried there, checked refused elsewhere).
-ONLY_FOR = {"ambiguity_nets.prior_components": ("cimd_latent",), "ambiguity_nets.free_nats": ("cimd_latent",)}
+ONLY_FOR = {"ambiguity_nets.prior_components": ("cimd_latent",), "ambiguity_nets.free_nats": ("cimd_latent",),
+           "ambiguity_nets.latent_conditioning": ("cimd_latent",)}
 # One valid change of every leaf field of the model block (the test fails for a field missing here).
 CHANGES = {
     "variant": None,  # compared across variants by the parametrisation itself
@@ -56,11 +57,13 @@ CHANGES = {
     "unet.num_res_blocks": 2,
     "unet.num_head_channels": 8,
     "unet.norm_num_groups": 8,
+    "unet.scale_shift_norm": True,
     "ambiguity_nets.trainable": False,
     "ambiguity_nets.acn_input": "eps",
     "ambiguity_nets.filters": [4, 4, 8],
     "ambiguity_nets.prior_components": 2,
     "ambiguity_nets.free_nats": 1.5,
+    "ambiguity_nets.latent_conditioning": "every_level",
     "baselines.filters": [4, 4, 8],
     "baselines.num_convs": 2,
     "baselines.latent_dim": 3,

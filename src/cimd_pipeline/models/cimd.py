@@ -13,8 +13,9 @@ target mask and whether the encoders exist:
 - ``ddpm_det``: the mean of the raters' masks, no encoders;
 - ``ddpm_prob``: one random valid rater per image per step, no encoders;
 - ``cimd_latent`` (our extension, not in the paper; docs/ambiguity_nets.md): the latent z conditions
-  the denoiser as ``latent_dim`` constant extra input channels. In training z is drawn from the AMN
-  posterior q(z | image, x_0), the ACN is a prior p(z | image) that sees the image only, and the
+  the denoiser as ``latent_dim`` constant extra input channels (or, with
+  ``ambiguity_nets.latent_conditioning: every_level``, through the timestep embedding). In
+  training z is drawn from the AMN posterior q(z | image, x_0), the ACN is a prior p(z | image) that sees the image only, and the
   loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws its own z from that prior, so prior
   sampling needs nothing the chain has not made yet. With ``ambiguity_nets.prior_components`` > 1
   the prior is a mixture of that many Gaussians and the KL its one-draw Monte Carlo estimate at
@@ -92,9 +93,13 @@ class CIMD(nn.Module):
         self.params = params
         self.variant = params.variant
         self.latent = params.variant is Variant.CIMD_LATENT
-        extra = (1 if params.self_condition else 0) + (params.latent_dim if self.latent else 0)
+        # z as constant input channels, or added to the timestep embedding of every level
+        self.latent_embedded = self.latent and params.ambiguity_nets.latent_conditioning == "every_level"
+        latent_channels = params.latent_dim if self.latent and not self.latent_embedded else 0
         self.denoiser = ConditionalDenoiser(
-            params.unet, image_channels, mask_channels=1, learn_sigma=True, extra_channels=extra
+            params.unet, image_channels, mask_channels=1, learn_sigma=True,
+            extra_channels=(1 if params.self_condition else 0) + latent_channels,
+            embedding_dim=params.latent_dim if self.latent_embedded else 0,
         )
         self.diffusion = GaussianDiffusion(
             make_betas(params.noise_schedule, params.num_timesteps, params.beta_start, params.beta_end),
@@ -163,11 +168,13 @@ class CIMD(nn.Module):
     ) -> Tensor:
         """Denoiser output (N, 2, H, W) in the diffusion's units: an x0 prediction goes through the
         output activation and is scaled by b. ``condition`` (N, 1, H, W) is the self-conditioning
-        channel, ``z`` (N, latent_dim) the ``cimd_latent`` code, broadcast over H and W."""
+        channel, ``z`` (N, latent_dim) the ``cimd_latent`` code, broadcast over H and W or, with
+        ``latent_conditioning: every_level``, added to the timestep embedding."""
         extra = [condition] if self.params.self_condition else []
-        if z is not None:
+        if z is not None and not self.latent_embedded:
             extra.append(z[:, :, None, None].expand(-1, -1, *x_t.shape[-2:]).to(x_t.dtype))
-        out = self.denoiser(x_t, image, t, torch.cat(extra, dim=1) if extra else None).float()
+        embedding = z if self.latent_embedded else None
+        out = self.denoiser(x_t, image, t, torch.cat(extra, dim=1) if extra else None, embedding).float()
         p = self.params
         if p.prediction_type is PredictionType.X0 and (p.output_activation == "tanh" or p.input_scale != 1.0):
             prediction, var_values = out[:, :1], out[:, 1:]

@@ -52,9 +52,9 @@ def model_identity(model: ModelParams | dict[str, Any]) -> dict[str, Any]:
 
     The baselines read their own ``baselines`` fields only; the diffusion variants read everything
     but ``baselines``, less the AMN/ACN fields without ambiguity nets, ``acn_input`` for
-    ``cimd_latent`` (its ACN sees the image only), ``prior_components`` and ``free_nats`` at their
-    defaults, the linear ramp's ends under the cosine schedule and ``min_snr_gamma`` unless the
-    loss is ``min_snr``.
+    ``cimd_latent`` (its ACN sees the image only), ``prior_components``, ``free_nats``,
+    ``latent_conditioning`` and ``unet.scale_shift_norm`` at their defaults, the linear ramp's
+    ends under the cosine schedule and ``min_snr_gamma`` unless the loss is ``min_snr``.
     """
     params = ModelParams.model_validate(model)
     plain = params.model_dump(mode="json")
@@ -67,9 +67,12 @@ def model_identity(model: ModelParams | dict[str, Any]) -> dict[str, Any]:
     elif params.variant is Variant.CIMD_LATENT:
         plain["ambiguity_nets"].pop("acn_input")
     if "ambiguity_nets" not in drop:  # later fields: runs without them keep their fingerprint
-        for field, default in (("prior_components", 1), ("free_nats", 0.0)):
+        later = (("prior_components", 1), ("free_nats", 0.0), ("latent_conditioning", "input_channels"))
+        for field, default in later:
             if plain["ambiguity_nets"][field] == default:
                 plain["ambiguity_nets"].pop(field)
+    if not params.unet.scale_shift_norm:
+        plain["unet"].pop("scale_shift_norm")  # a later field, as above
     if params.noise_schedule is NoiseSchedule.COSINE:
         drop.update(("beta_start", "beta_end"))
     if params.loss_weighting is not LossWeighting.MIN_SNR:
