@@ -194,7 +194,8 @@ def test_one_channel_groups_erase_the_added_timestep_and_scale_shift_norm_restor
     # a per-channel constant that the norm removes
     added = _first_block_outputs(TINY, (10, 900))
     torch.testing.assert_close(added[0], added[1], atol=1e-5, rtol=0)
-    scaled = _first_block_outputs(UNetConfig(channels=(16, 32, 32), norm_num_groups=16, scale_shift_norm=True), (10, 900))
+    cfg = UNetConfig(channels=(16, 32, 32), norm_num_groups=16, scale_shift_norm=True)
+    scaled = _first_block_outputs(cfg, (10, 900))
     assert (scaled[0] - scaled[1]).abs().max() > 1e-2
 
 

@@ -15,12 +15,13 @@ target mask and whether the encoders exist:
 - ``cimd_latent`` (our extension, not in the paper; docs/ambiguity_nets.md): the latent z conditions
   the denoiser as ``latent_dim`` constant extra input channels (or, with
   ``ambiguity_nets.latent_conditioning: every_level``, through the timestep embedding). In
-  training z is drawn from the AMN posterior q(z | image, x_0), the ACN is a prior p(z | image) that sees the image only, and the
-  loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws its own z from that prior, so prior
-  sampling needs nothing the chain has not made yet. With ``ambiguity_nets.prior_components`` > 1
-  the prior is a mixture of that many Gaussians and the KL its one-draw Monte Carlo estimate at
-  the posterior's z (`cimd_pipeline.models.ambiguity.kl_estimate`). ``ambiguity_nets.free_nats``
-  > 0 leaves the posterior free of the KL below that many nats (`free_bits_kl`).
+  training z is drawn from the AMN posterior q(z | image, x_0), the ACN is a prior p(z | image)
+  that sees the image only, and the loss adds beta·KL(AMN ‖ ACN); at sampling each sample draws
+  its own z from that prior, so prior sampling needs nothing the chain has not made yet. With
+  ``ambiguity_nets.prior_components`` > 1 the prior is a mixture of that many Gaussians and the
+  KL its one-draw Monte Carlo estimate at the posterior's z
+  (`cimd_pipeline.models.ambiguity.kl_estimate`). ``ambiguity_nets.free_nats`` > 0 leaves the
+  posterior free of the KL below that many nats (`free_bits_kl`).
 
 The diffusion recipe (``model.noise_schedule``, ``input_scale``, ``loss_weighting``,
 ``output_activation``, ``self_condition``; docs/quality.md) applies to every variant. With input
@@ -142,7 +143,10 @@ class CIMD(nn.Module):
             posterior = self.amn(torch.cat([image, x0], dim=1))
             z = draw(posterior, generator)
             prior, free_nats = self.acn(image), self.params.ambiguity_nets.free_nats
-            kl = free_bits_kl(posterior, prior, z, free_nats) if free_nats > 0 else kl_estimate(posterior, prior, z)
+            if free_nats > 0:
+                kl = free_bits_kl(posterior, prior, z, free_nats)
+            else:
+                kl = kl_estimate(posterior, prior, z)
         condition = self._training_condition(x_t, image, t, generator, z)
         out = self.model_output(x_t, image, t, condition, z)
         terms = self.diffusion.training_losses(out, scaled, x_t, t, noise, self.params.vlb_weight)
