@@ -177,8 +177,8 @@ class CIMD(nn.Module):
         extra = [condition] if self.params.self_condition else []
         if z is not None and not self.latent_embedded:
             extra.append(z[:, :, None, None].expand(-1, -1, *x_t.shape[-2:]).to(x_t.dtype))
-        embedding = z if self.latent_embedded else None
-        out = self.denoiser(x_t, image, t, torch.cat(extra, dim=1) if extra else None, embedding).float()
+        inputs = (x_t, image, t, torch.cat(extra, dim=1) if extra else None)
+        out = self.denoiser(*inputs, *((z,) if self.latent_embedded else ())).float()
         p = self.params
         if p.prediction_type is PredictionType.X0 and (p.output_activation == "tanh" or p.input_scale != 1.0):
             prediction, var_values = out[:, :1], out[:, 1:]
