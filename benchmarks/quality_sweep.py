@@ -105,10 +105,10 @@ CONFIGS: dict[str, dict[str, object]] = {
     # at equal CPU time (docs/quality.md)
     "unet_32_64_64": {"model.unet.channels": [32, 64, 64]},
     "unet_16_32_64": {"model.unet.channels": [16, 32, 64]},
-    # small turns, shifts and zooms of image and masks together (training/augment.py)
     # conf/base with the timestep embedding as a scale and shift after each block's second norm,
     # which one-channel groups otherwise erase (models/denoiser.py)
     "scale_shift": {"model.unet.scale_shift_norm": True},
+    # small turns, shifts and zooms of image and masks together (training/augment.py)
     "affine": {"training.affine_rotation": 15.0, "training.affine_translation": 0.05, "training.affine_scaling": 0.1},
 }
 QUALITY = ("ged", "hm_iou", "dice_max", "ci", "ged_oracle", "ged_cross", "diversity_samples", "diversity_raters")

@@ -90,6 +90,10 @@ class AmbiguityNetParams(Strict):
     latent_conditioning: Literal["input_channels", "every_level"] = "input_channels"
 
 
+# The ambiguity_nets fields only cimd_latent reads; any other variant must leave them at their defaults.
+LATENT_ONLY_FIELDS = ("prior_components", "free_nats", "latent_conditioning")
+
+
 # --- baselines: Probabilistic U-Net and PHiSeg (docs/baselines.md) --------------------------------------
 class BaselineParams(Strict):
     """The ``prob_unet`` and ``phiseg`` networks; defaults are the originals' except PHiSeg's depth.
@@ -167,19 +171,15 @@ class ModelParams(Strict):
                 f"output_activation={self.output_activation!r} bounds an x0 prediction; "
                 f"prediction_type={self.prediction_type.value!r} predicts an unbounded target"
             )
-        if self.ambiguity_nets.prior_components > 1 and self.variant is not Variant.CIMD_LATENT:
-            raise ValueError(
-                f"ambiguity_nets.prior_components={self.ambiguity_nets.prior_components} needs "
-                f"variant 'cimd_latent', the only variant that samples from its prior; got {self.variant.value!r}"
-            )
-        nets = self.ambiguity_nets
-        for field, value, default in (("free_nats", nets.free_nats, 0.0),
-                                      ("latent_conditioning", nets.latent_conditioning, "input_channels")):
-            if value != default and self.variant is not Variant.CIMD_LATENT:
-                raise ValueError(
-                    f"ambiguity_nets.{field}={value!r} needs variant 'cimd_latent', whose latent "
-                    f"conditions the denoiser; got {self.variant.value!r}"
-                )
+        if self.variant is not Variant.CIMD_LATENT:
+            for field in LATENT_ONLY_FIELDS:
+                value = getattr(self.ambiguity_nets, field)
+                if value != AmbiguityNetParams.model_fields[field].default:
+                    raise ValueError(
+                        f"ambiguity_nets.{field}={value!r} needs variant 'cimd_latent', the only "
+                        f"variant whose latent conditions the denoiser and is drawn from its prior; "
+                        f"got {self.variant.value!r}"
+                    )
         problems = schedule_problems(self.noise_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         problems += weighting_problems(self.prediction_type, self.loss_weighting)
         if problems:  # the same function builds the model's schedule (models/cimd.py)

@@ -343,9 +343,8 @@ def free_bits_kl(posterior: Distribution, prior: Distribution, z: Tensor, free_n
     posterior's codes), and the posterior, with ``z`` and so the AMN, only once the batch spends more
     than ``free_nats``. The value is the KL itself, so the logged loss stays comparable.
     """
-    kl = kl_estimate(posterior, prior, z)
     prior_part = kl_estimate(detached(posterior), prior, z.detach())
     posterior_part = kl_estimate(posterior, detached(prior), z)
-    pulled = (kl.mean() > free_nats).to(kl.dtype).detach()
-    moving = (prior_part - prior_part.detach()) + pulled * (posterior_part - posterior_part.detach())
-    return kl.detach() + moving
+    kl = prior_part.detach()  # the value of either part is the KL
+    pulled = (kl.mean() > free_nats).to(kl.dtype)
+    return kl + (prior_part - kl) + pulled * (posterior_part - posterior_part.detach())

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cimd_pipeline.config import ModelParams, TrainingParams, Variant
+from cimd_pipeline.config import LATENT_ONLY_FIELDS, ModelParams, TrainingParams, Variant
 from cimd_pipeline.data.aligned import AlignedSet
 from cimd_pipeline.diffusion import LossWeighting, NoiseSchedule
 
@@ -66,13 +66,14 @@ def model_identity(model: ModelParams | dict[str, Any]) -> dict[str, Any]:
         drop.update(_AMBIGUITY_FIELDS)
     elif params.variant is Variant.CIMD_LATENT:
         plain["ambiguity_nets"].pop("acn_input")
-    if "ambiguity_nets" not in drop:  # later fields: runs without them keep their fingerprint
-        later = (("prior_components", 1), ("free_nats", 0.0), ("latent_conditioning", "input_channels"))
-        for field, default in later:
-            if plain["ambiguity_nets"][field] == default:
-                plain["ambiguity_nets"].pop(field)
-    if not params.unet.scale_shift_norm:
-        plain["unet"].pop("scale_shift_norm")  # a later field, as above
+    # fields added later, dropped at their defaults so that runs from before keep their fingerprint
+    later = [("unet", "scale_shift_norm")]
+    if "ambiguity_nets" not in drop:
+        later += [("ambiguity_nets", field) for field in LATENT_ONLY_FIELDS]
+    defaults = ModelParams().model_dump(mode="json")
+    for block, field in later:
+        if plain[block][field] == defaults[block][field]:
+            plain[block].pop(field)
     if params.noise_schedule is NoiseSchedule.COSINE:
         drop.update(("beta_start", "beta_end"))
     if params.loss_weighting is not LossWeighting.MIN_SNR:
